@@ -1,0 +1,382 @@
+"""Every training option, declared once: default, type, range, choices, label, help and group.
+
+The tab, the HTTP API, the command line and the README's reference are all generated from the
+declarations below; a config travels as JSON (``config.json`` in a model's folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+FILEWORDS = "[filewords]"
+
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def option(
+    default: Any,
+    *,
+    label: str,
+    help: str,
+    group: str,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """Declare one option as a dataclass field carrying its UI and validation metadata."""
+    meta = {"label": label, "help": help, "group": group, "choices": choices, "minimum": minimum, "maximum": maximum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Concept:
+    """One subject to learn: its photos and prompts, and the class images that keep the class intact."""
+
+    instance_dir: str = option("", label="Instance images folder", group="Concept",
+                               help="Folder with 5-30 photos of the subject (jpg, png, webp, bmp).")
+    instance_prompt: str = option("", label="Instance prompt", group="Concept",
+                                  help="Prompt naming the subject with a rare token, e.g. 'photo of zwx person'. "
+                                       "'[filewords]' is replaced by each image's caption (.txt beside it, or its file name).")
+    class_prompt: str = option("", label="Class prompt", group="Concept",
+                               help="Prompt for the subject's class without the token, e.g. 'photo of a person'.")
+    class_dir: str = option("", label="Class images folder", group="Concept",
+                            help="Optional folder of your own class images; missing ones are generated with the base model.")
+    num_class_images: int = option(50, label="Class images", group="Concept", minimum=0, maximum=10000,
+                                   help="How many class images prior preservation uses; only the missing ones are generated.")
+    class_negative_prompt: str = option("", label="Class negative prompt", group="Concept",
+                                        help="Negative prompt used when generating class images.")
+    class_guidance_scale: float = option(7.5, label="Class CFG scale", group="Concept", minimum=1.0, maximum=30.0,
+                                         help="Classifier-free guidance scale for class-image generation.")
+    class_infer_steps: int = option(30, label="Class generation steps", group="Concept", minimum=1, maximum=200,
+                                    help="Denoising steps for each generated class image.")
+    class_seed: int = option(0, label="Class generation seed", group="Concept", minimum=0, maximum=2**32 - 1,
+                             help="Seed of the first generated class image; the n-th uses seed + n.")
+    sample_prompts: list[str] = option([], label="Sample prompts", group="Concept",
+                                       help="Prompts rendered as previews every 'Sample every N steps'.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the only settings file is this, as JSON."""
+
+    version: int = option(CONFIG_VERSION, label="Config version", group="Model", minimum=1, maximum=CONFIG_VERSION,
+                          help="Schema version of this file; older files are migrated when loaded.")
+    model_name: str = option("", label="Model name", group="Model",
+                             help="Name of the model's folder and of the saved checkpoints: letters, digits, '.', '_', '-'.")
+    source_checkpoint: str = option("", label="Source checkpoint", group="Model",
+                                    help="Stable Diffusion 1.x single file (.safetensors/.ckpt) or diffusers folder to start from.")
+    tokenizer_dir: str = option("", label="Tokenizer folder", group="Model",
+                                help="Optional folder with the CLIP tokenizer (vocab.json, merges.txt); "
+                                     "otherwise the Hugging Face cache or open_clip's vocabulary is used.")
+    model_config_dir: str = option("", label="Model config folder", group="Model",
+                                   help="Optional diffusers config folder (model_index.json, unet/, vae/, text_encoder/, "
+                                        "scheduler/) for single files of an unusual shape; by default the family's own is used.")
+    output_dir: str = option("", label="Output folder", group="Model",
+                             help="Where checkpoints are written; empty means '<model folder>/checkpoints'.")
+    concepts: list[Concept] = option([], label="Concepts", group="Concept", help="The subjects to learn.")
+
+    resolution: int = option(512, label="Resolution", group="Images", minimum=64, maximum=2048,
+                             help="Training size in pixels (square, a multiple of 8).")
+    center_crop: bool = option(True, label="Centre crop", group="Images",
+                               help="Crop the centre of each image; off crops a random square each time.")
+    hflip: bool = option(False, label="Horizontal flip", group="Images",
+                         help="Mirror each image at random (never use for asymmetric subjects or text).")
+
+    max_steps: int = option(1000, label="Training steps", group="Schedule", minimum=1, maximum=1_000_000,
+                            help="Optimizer steps to train; ignored when 'Epochs' is above 0.")
+    epochs: int = option(0, label="Epochs", group="Schedule", minimum=0, maximum=100_000,
+                         help="Train this many passes over the instance images instead of a step count (0: use steps).")
+    batch_size: int = option(1, label="Batch size", group="Schedule", minimum=1, maximum=256,
+                             help="Instance images per step (each paired with one class image when prior preservation is on).")
+    gradient_accumulation: int = option(1, label="Gradient accumulation", group="Schedule", minimum=1, maximum=1024,
+                                        help="Batches summed into one optimizer step.")
+    learning_rate: float = option(2e-6, label="UNet learning rate", group="Schedule", minimum=0.0, maximum=1.0,
+                                  help="Peak learning rate of the UNet.")
+    lr_scheduler: str = option("constant", label="LR schedule", group="Schedule",
+                               choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                        "cosine_with_restarts", "polynomial"),
+                               help="How the learning rate changes over the run.")
+    lr_warmup_steps: int = option(0, label="Warm-up steps", group="Schedule", minimum=0, maximum=1_000_000,
+                                  help="Steps over which the learning rate ramps up from 0.")
+    lr_cycles: int = option(1, label="LR cycles", group="Schedule", minimum=1, maximum=1000,
+                            help="Restarts of 'cosine_with_restarts'.")
+    lr_power: float = option(1.0, label="LR power", group="Schedule", minimum=0.1, maximum=10.0,
+                             help="Power of the 'polynomial' schedule.")
+
+    train_text_encoder: bool = option(False, label="Train text encoder", group="Text encoder",
+                                      help="Also fine-tune the CLIP text encoder (better likeness, more memory).")
+    text_encoder_lr: float = option(1e-6, label="Text encoder learning rate", group="Text encoder",
+                                    minimum=0.0, maximum=1.0, help="Peak learning rate of the text encoder.")
+    text_encoder_stop: float = option(1.0, label="Stop text encoder at", group="Text encoder", minimum=0.0, maximum=1.0,
+                                      help="Fraction of the run after which the text encoder is frozen.")
+
+    optimizer: str = option("adamw", label="Optimizer", group="Optimizer",
+                            choices=("adamw", "adamw_8bit", "adafactor"),
+                            help="AdamW; AdamW 8-bit (bitsandbytes, CUDA) keeps its state in 8 bits; "
+                                 "Adafactor keeps factored second moments.")
+    adam_beta1: float = option(0.9, label="Adam beta1", group="Optimizer", minimum=0.0, maximum=0.9999,
+                               help="First-moment decay (AdamW variants).")
+    adam_beta2: float = option(0.999, label="Adam beta2", group="Optimizer", minimum=0.0, maximum=0.99999,
+                               help="Second-moment decay (AdamW variants).")
+    adam_epsilon: float = option(1e-8, label="Adam epsilon", group="Optimizer", minimum=0.0, maximum=1.0,
+                                 help="Denominator term (AdamW variants).")
+    weight_decay: float = option(1e-2, label="Weight decay", group="Optimizer", minimum=0.0, maximum=1.0,
+                                 help="Decoupled weight decay.")
+    max_grad_norm: float = option(1.0, label="Gradient clip", group="Optimizer", minimum=0.0, maximum=1000.0,
+                                  help="Clip the gradient norm to this value (0: no clipping).")
+
+    mixed_precision: str = option("auto", label="Mixed precision", group="Memory and speed",
+                                  choices=("auto", "no", "fp16", "bf16"),
+                                  help="Compute in 16 bits; 'auto' picks bf16 where the GPU has it, else fp16, "
+                                       "and full precision on the CPU.")
+    attention: str = option("sdpa", label="Attention", group="Memory and speed",
+                            choices=("sdpa", "xformers", "eager"),
+                            help="PyTorch's scaled-dot-product attention, xformers (when installed) or the plain kernel.")
+    gradient_checkpointing: bool = option(False, label="Gradient checkpointing", group="Memory and speed",
+                                          help="Recompute activations in the backward pass: much less memory, ~25% slower.")
+    cache_latents: bool = option(True, label="Cache latents", group="Memory and speed",
+                                 help="Encode every image once with the VAE (both flips), then free the VAE from the GPU.")
+    cache_text_embeddings: bool = option(True, label="Cache text embeddings", group="Memory and speed",
+                                         help="Encode each prompt once (only while the text encoder is frozen).")
+    device: str = option("auto", label="Device", group="Memory and speed", choices=("auto", "cuda", "cpu"),
+                         help="Where to train; 'auto' uses the GPU when there is one.")
+
+    prior_preservation: bool = option(True, label="Prior preservation", group="Loss",
+                                      help="Train on class images too, so the class keeps its look.")
+    prior_loss_weight: float = option(1.0, label="Prior loss weight", group="Loss", minimum=0.0, maximum=100.0,
+                                      help="Weight of the class-image loss against the instance loss.")
+    offset_noise: float = option(0.0, label="Offset noise", group="Loss", minimum=0.0, maximum=1.0,
+                                 help="Add this much per-channel constant noise (helps very dark/bright images).")
+    min_snr_gamma: float = option(0.0, label="Min-SNR gamma", group="Loss", minimum=0.0, maximum=100.0,
+                                  help="Weight each sample's loss by min(SNR, gamma) (5 is usual; 0: off).")
+    seed: int = option(0, label="Seed", group="Loss", minimum=0, maximum=2**32 - 1,
+                       help="Seed of data order, noise and timesteps: the same seed gives the same run.")
+
+    save_every: int = option(500, label="Save every N steps", group="Saving", minimum=0, maximum=1_000_000,
+                             help="Write a checkpoint every N steps (0: only at the end).")
+    save_format: str = option("safetensors", label="File format", group="Saving", choices=("safetensors", "ckpt"),
+                              help="'.safetensors' (safe, fast) or the legacy pickled '.ckpt'.")
+    save_dtype: str = option("fp16", label="Saved precision", group="Saving", choices=("fp16", "bf16", "fp32"),
+                             help="Precision of the saved weights (fp16 halves the file).")
+    state_every: int = option(0, label="Resume point every N steps", group="Saving", minimum=0, maximum=1_000_000,
+                              help="Write a resume snapshot (weights, optimizer, schedule, RNG, data order) every N steps; "
+                                   "0 writes one only when a run is cancelled.")
+    keep_states: int = option(1, label="Resume points kept", group="Saving", minimum=1, maximum=100,
+                              help="How many resume snapshots to keep.")
+
+    sample_every: int = option(0, label="Sample every N steps", group="Samples", minimum=0, maximum=1_000_000,
+                               help="Render the concepts' sample prompts every N steps (0: never).")
+    sample_negative_prompt: str = option("", label="Sample negative prompt", group="Samples",
+                                         help="Negative prompt of the previews.")
+    sample_guidance_scale: float = option(7.5, label="Sample CFG scale", group="Samples", minimum=1.0, maximum=30.0,
+                                          help="Classifier-free guidance of the previews.")
+    sample_steps: int = option(20, label="Sample steps", group="Samples", minimum=1, maximum=200,
+                               help="Denoising steps of each preview.")
+    sample_seed: int = option(0, label="Sample seed", group="Samples", minimum=0, maximum=2**32 - 1,
+                              help="Seed of the previews (the same seed each time, so they are comparable).")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Validate a JSON-like dict (migrating old versions) into a config; errors name the field."""
+        if not isinstance(data, dict):
+            raise ConfigError("A config must be a JSON object.", "Start from the one `python -m dreambooth` writes.")
+        data = migrate(dict(data))
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready data."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What a front end needs to render and check one option."""
+
+    name: str
+    type: str
+    default: Any
+    label: str
+    help: str
+    group: str
+    choices: tuple[str, ...] | None
+    minimum: float | None
+    maximum: float | None
+
+
+def option_specs(cls: type = TrainConfig) -> list[OptionSpec]:
+    """The declared options of ``TrainConfig`` or ``Concept``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        specs.append(OptionSpec(name=f.name, type=_type_name(hints[f.name]), default=default, **f.metadata))
+    return specs
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return f"list[{_type_name(inner)}]"
+    return hint.__name__
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+"""``MIGRATIONS[v]`` turns a version-``v`` dict into a version-``v + 1`` dict."""
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older config up to ``CONFIG_VERSION``; newer ones are refused."""
+    version = data.get("version", CONFIG_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"'version' must be a whole number, got {version!r}.")
+    if version > CONFIG_VERSION:
+        raise ConfigError(f"This config is version {version}; this extension reads up to {CONFIG_VERSION}.",
+                          "Update the extension.")
+    while version < CONFIG_VERSION:
+        if version not in MIGRATIONS:
+            raise ConfigError(f"Config version {version} cannot be migrated.", "Create the model again.")
+        data = MIGRATIONS[version](data)
+        version += 1
+        data["version"] = version
+    return data
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"Unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}.",
+                          f"Known settings: {', '.join(known)}.")
+    values = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        values[name] = _check(hints[name], data[name], where + name, f.metadata)
+    return cls(**values)
+
+
+def _check(hint: Any, value: Any, name: str, meta: dict[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"'{name}' must be a list, got {type(value).__name__}.")
+        if dataclasses.is_dataclass(inner):
+            return [_build(inner, item, f"{name}[{i}].") if isinstance(item, dict)
+                    else _fail(f"'{name}[{i}]' must be an object.") for i, item in enumerate(value)]
+        return [_check(inner, item, f"{name}[{i}]", {}) for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"'{name}' must be a whole number, got {value!r}.")
+        value = int(value)
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{name}' must be a number, got {value!r}.")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{name}' must be text, got {value!r}.")
+    lo, hi = meta.get("minimum"), meta.get("maximum")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"'{name}' must be between {lo:g} and {hi:g}, got {value!r}.")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"'{name}' must be one of {', '.join(choices)}; got {value!r}.")
+    return value
+
+
+def _fail(message: str) -> Any:
+    raise ConfigError(message)
+
+
+def check_model_name(name: str) -> str:
+    """Refuse names that are empty, reach outside the models folder or that Windows cannot store."""
+    if not _MODEL_NAME.match(name) or name.endswith(".") or name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        raise ConfigError(f"Model name {name!r} is not allowed.",
+                          "Use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+    return name
+
+
+def validate_for_training(config: TrainConfig) -> list[str]:
+    """Checks that need more than one field; raises on errors, returns warnings for the log and the tab."""
+    check_model_name(config.model_name)
+    if not config.source_checkpoint:
+        raise ConfigError("'source_checkpoint' is empty.", "Pick the checkpoint to start from.")
+    if config.resolution % 8:
+        raise ConfigError(f"'resolution' must be a multiple of 8, got {config.resolution}.")
+    if not config.concepts:
+        raise ConfigError("There is no concept to train.", "Add one with an instance folder and an instance prompt.")
+    warnings = []
+    for i, concept in enumerate(config.concepts):
+        label = f"concepts[{i}]"
+        if not concept.instance_dir:
+            raise ConfigError(f"'{label}.instance_dir' is empty.", "Name the folder with the subject's photos.")
+        if not concept.instance_prompt:
+            raise ConfigError(f"'{label}.instance_prompt' is empty.", "Write e.g. 'photo of zwx person'.")
+        if config.prior_preservation:
+            if not concept.class_prompt and not concept.class_dir:
+                raise ConfigError(f"'{label}.class_prompt' is empty while prior preservation is on.",
+                                  "Write e.g. 'photo of a person', or turn prior preservation off.")
+            if concept.class_dir and _same_folder(concept.class_dir, concept.instance_dir):
+                raise ConfigError(f"'{label}.class_dir' is the instance folder ({concept.instance_dir}).",
+                                  "Class images must be other members of the class: pick another folder or leave it empty.")
+        if FILEWORDS not in concept.instance_prompt and not rare_tokens(concept.instance_prompt, concept.class_prompt):
+            warnings.append(f"{label}: the instance prompt {concept.instance_prompt!r} has no word that the class prompt "
+                            "lacks; add a rare token (e.g. 'zwx') or the subject will overwrite the whole class.")
+    if config.train_text_encoder and config.cache_text_embeddings:
+        warnings.append("Text embeddings are not cached while the text encoder trains.")
+    return warnings
+
+
+def rare_tokens(instance_prompt: str, class_prompt: str) -> list[str]:
+    """Words of the instance prompt that the class prompt does not have: the identifier the model learns."""
+    class_words = set(re.findall(r"\w+", class_prompt.lower()))
+    stop = {"a", "an", "the", "of", "photo", "picture", "image", "in", "on", "with"}
+    return [w for w in re.findall(r"\w+", instance_prompt.lower()) if w not in class_words and w not in stop]
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read and validate ``config.json``; a broken file gets an error naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"Config file {path} cannot be read: {exc}.", "Fix the JSON or create the model again.") from None
+    return TrainConfig.from_dict(data)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the config as indented JSON, atomically."""
+    from .fileio import write_atomic
+
+    text = json.dumps(config.to_dict(), indent=2)
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
