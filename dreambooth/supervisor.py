@@ -1,0 +1,390 @@
+"""Run one training at a time in a child process and mirror its events into a status a front end can poll.
+
+The child is ``python -m dreambooth train <model dir>/config.json --json``: it prints one JSON event a line
+(``events.py`` lists the kinds), exits 0 when finished or cancelled and 1 on an error (an ``error`` event first).
+A crash, an out-of-memory or a leaked CUDA context in it never takes the web UI down, and all of its memory is
+returned when it ends. Before it starts the host's model leaves the accelerator; after it ends it comes back.
+
+Cancelling never kills first: the supervisor writes ``<model dir>/cancel.request``, the engine stops after the
+current step keeping everything saved so far, and only a child that has not exited within ``cancel_timeout``
+seconds is terminated.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+from .config import TrainConfig, check_model_name, load_config, save_config, validate_for_training
+from .errors import ConfigError, DreamBoothError
+from .host.base import Host
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_NAME = "config.json"
+CANCEL_REQUEST = "cancel.request"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+HISTORY_LIMIT = 2000
+SAMPLES_KEPT = 16
+OUTPUT_LINES_KEPT = 40
+
+
+@dataclass
+class RunStatus:
+    """What a front end shows about the current (or last) run; a copy, safe to keep."""
+
+    running: bool = False
+    model: str = ""
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    memory_mb: float | None = None
+    last_checkpoint: str | None = None
+    message: str = ""
+    error: str | None = None
+    cancelled: bool = False
+    finished: bool = False
+    history: list[dict] = field(default_factory=list)
+    """``{"step", "loss", "lr"}`` points for the plot, thinned evenly when a run has very many steps."""
+    samples: list[str] = field(default_factory=list)
+    """Paths of the newest preview images, oldest first."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoints this run has saved, oldest first."""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as JSON-ready data."""
+        return asdict(self)
+
+
+class Busy(DreamBoothError):
+    """A training already runs; only one runs at a time."""
+
+    def __init__(self, running_model: str) -> None:
+        super().__init__(f"Model {running_model!r} is training now.",
+                         "Wait until it finishes, or cancel it first.")
+        self.running_model = running_model
+
+
+class Supervisor:
+    """Owns the model folders, starts and watches the training child, and keeps its :class:`RunStatus`."""
+
+    def __init__(self, host: Host, dreambooth_dir: Path, checkpoints_dir: Path, python: str = sys.executable,
+                 *, launcher: Sequence[str] | None = None, cancel_timeout: float = 60.0,
+                 poll_interval: float = 0.25) -> None:
+        """``launcher`` replaces ``[python, "-m", "dreambooth"]`` (e.g. ``accelerate launch -m dreambooth``);
+        ``train <config> --json`` is appended to it."""
+        self.host = host
+        self.dreambooth_dir = Path(dreambooth_dir)
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.python = python
+        self.launcher = list(launcher) if launcher is not None else [python, "-m", "dreambooth"]
+        self.cancel_timeout = cancel_timeout
+        self.poll_interval = poll_interval
+        self._lock = threading.RLock()
+        self._status = RunStatus()
+        self._busy_model: str | None = None
+        self._process: subprocess.Popen[str] | None = None
+        self._model_dir: Path | None = None
+        self._cancel_deadline: float | None = None
+        self._terminated = False
+        self._done = threading.Event()
+        self._done.set()
+        self._output_tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+
+    # ---- model folders -------------------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        """``<dreambooth_dir>/<name>``, after checking that the name cannot reach outside it."""
+        return self.dreambooth_dir / check_model_name(name)
+
+    def list_models(self) -> list[str]:
+        """Names of the model folders that hold a ``config.json``, sorted case-insensitively."""
+        if not self.dreambooth_dir.is_dir():
+            return []
+        return sorted((p.name for p in self.dreambooth_dir.iterdir() if (p / CONFIG_NAME).is_file()), key=str.lower)
+
+    def create_model(self, name: str, source_checkpoint: str) -> TrainConfig:
+        """Make a new model folder whose config starts from ``source_checkpoint`` (a host title or a file path)."""
+        folder = self.model_dir(name)
+        if folder.exists():
+            raise ConfigError(f"A model named {name!r} already exists.", "Open it, or pick another name.")
+        config = TrainConfig(model_name=name, source_checkpoint=self._resolve_source(source_checkpoint),
+                             output_dir=str(self.checkpoints_dir / name))
+        self.save_config(config)
+        return config
+
+    def load_config(self, name: str) -> TrainConfig:
+        """Read ``<name>/config.json``."""
+        folder = self.model_dir(name)
+        if not (folder / CONFIG_NAME).is_file():
+            raise ConfigError(f"There is no model named {name!r}.", "Create it first.")
+        return load_config(folder / CONFIG_NAME)
+
+    def save_config(self, config: TrainConfig) -> None:
+        """Write the config to its model's folder (atomically), creating the folder when needed."""
+        folder = self.model_dir(config.model_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(config, folder / CONFIG_NAME)
+
+    def list_checkpoints(self, name: str) -> list[Path]:
+        """The model's finished checkpoint files, oldest first (never a half-written ``*.partial``)."""
+        folder = self.model_dir(name)
+        output = self.checkpoints_dir / name
+        if (folder / CONFIG_NAME).is_file():
+            try:
+                output = Path(self.load_config(name).output_dir or output)
+            except ConfigError:
+                pass
+        if not output.is_dir():
+            return []
+        files = [p for p in output.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES]
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def _resolve_source(self, source: str) -> str:
+        if not source:
+            raise ConfigError("No source checkpoint was given.", "Pick one of the web UI's checkpoints.")
+        if source in self.host.checkpoint_titles():
+            return str(self.host.checkpoint_file(source))
+        if Path(source).exists():
+            return str(Path(source).resolve())
+        raise ConfigError(f"Source checkpoint {source!r} is neither a listed checkpoint nor an existing file.",
+                          "Refresh the list and pick one of the web UI's checkpoints.")
+
+    # ---- one run ---------------------------------------------------------------------------------------------
+
+    def start(self, config: TrainConfig) -> None:
+        """Save the config, free the host's model and start the training child; ``Busy`` if one runs."""
+        with self._lock:
+            if self._busy_model is not None:
+                raise Busy(self._busy_model)
+            warnings = validate_for_training(config)
+            if not config.output_dir:
+                config.output_dir = str(self.checkpoints_dir / config.model_name)
+            self._busy_model = config.model_name
+            self._done.clear()
+        try:
+            self.save_config(config)
+            folder = self.model_dir(config.model_name)
+            (folder / CANCEL_REQUEST).unlink(missing_ok=True)
+            self._model_dir = folder
+            self._output_tail.clear()
+            self._terminated = False
+            self._cancel_deadline = None
+            with self._lock:
+                self._status = RunStatus(running=True, model=config.model_name, total=config.max_steps,
+                                         message="Starting", warnings=list(warnings))
+            self.host.unload_model()
+            try:
+                self._process = self._spawn(folder / CONFIG_NAME)
+            except BaseException:
+                self.host.reload_model()
+                raise
+        except BaseException as exc:
+            with self._lock:
+                self._busy_model = None
+                self._status.running = False
+                self._status.error = str(exc)
+            self._done.set()
+            raise
+        self.host.job_started(f"DreamBooth: {config.model_name}", config.max_steps)
+        threading.Thread(target=self._read_events, name="dreambooth-events", daemon=True).start()
+        threading.Thread(target=self._watch, name="dreambooth-watch", daemon=True).start()
+
+    def status(self) -> RunStatus:
+        """A copy of the current (or last) run's status."""
+        with self._lock:
+            return copy.deepcopy(self._status)
+
+    def running_model(self) -> str | None:
+        """The name of the model that trains now, or None."""
+        with self._lock:
+            return self._busy_model
+
+    def cancel(self) -> None:
+        """Ask the run to stop after its current step; it is terminated if it has not exited in time."""
+        with self._lock:
+            if self._busy_model is None or self._model_dir is None:
+                return
+            if self._cancel_deadline is None:
+                self._cancel_deadline = time.monotonic() + self.cancel_timeout
+                self._status.message = "Stopping after the current step"
+            folder = self._model_dir
+        try:
+            (folder / CANCEL_REQUEST).touch()
+        except OSError as exc:
+            with self._lock:
+                self._status.warnings.append(f"Could not write the cancel request ({exc}); stopping the process.")
+            self._terminate()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run (and its clean-up) has ended; False on timeout."""
+        return self._done.wait(timeout)
+
+    def _spawn(self, config_path: Path) -> subprocess.Popen[str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
+        log_dir = config_path.parent / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stderr = open(log_dir / "child-stderr.log", "w", encoding="utf-8")
+        try:
+            return subprocess.Popen([*self.launcher, "train", str(config_path), "--json"], cwd=str(REPO_ROOT), env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                    text=True, encoding="utf-8", errors="replace", bufsize=1)
+        finally:
+            stderr.close()
+
+    def _read_events(self) -> None:
+        process = self._process
+        assert process is not None and process.stdout is not None
+        try:
+            self._consume(process.stdout)
+            code = process.wait()
+            self._finish(code)
+        finally:
+            self._clean_up()
+
+    def _consume(self, stream: IO[str]) -> None:
+        for line in stream:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict) or "event" not in event:
+                self._output_tail.append(line)
+                continue
+            try:
+                self._apply(event)
+            except Exception as exc:  # a malformed event must not stop the reading: the child would block
+                self._output_tail.append(f"unreadable event {line!r}: {exc}")
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        with self._lock:
+            s = self._status
+            if kind == "started":
+                s.total = int(event.get("total_steps", s.total))
+                s.step = int(event.get("resumed_from", 0) or 0)
+                s.message = "Training"
+            elif kind == "status":
+                s.message = str(event.get("message", ""))
+            elif kind == "progress":
+                s.message = f"{event.get('phase', '')}: {event.get('done', 0)}/{event.get('total', 0)}"
+            elif kind == "step":
+                s.step, s.total = int(event["step"]), int(event.get("total", s.total))
+                for name in ("loss", "lr", "it_per_s", "eta_s", "memory_mb"):
+                    value = event.get(name)
+                    setattr(s, name, float(value) if value is not None else None)
+                s.message = "Training"
+                s.history.append({"step": s.step, "loss": s.loss, "lr": s.lr})
+                if len(s.history) > HISTORY_LIMIT:
+                    s.history = s.history[::2]
+            elif kind == "checkpoint_saved":
+                s.last_checkpoint = str(event["path"])
+                s.checkpoints.append(s.last_checkpoint)
+                s.message = f"Saved {Path(s.last_checkpoint).name}"
+            elif kind == "state_saved":
+                s.message = f"Resume point saved at step {event.get('step')}"
+            elif kind == "sample":
+                s.samples = (s.samples + [str(p) for p in event.get("paths", [])])[-SAMPLES_KEPT:]
+            elif kind == "warning":
+                s.warnings.append(str(event.get("message", "")))
+            elif kind == "error":
+                s.error = f"{event.get('message', '')} {event.get('advice', '')}".strip()
+                s.message = "Failed"
+            elif kind == "finished":
+                s.finished = True
+                s.cancelled = bool(event.get("cancelled", False))
+                s.step = int(event.get("step", s.step))
+                s.checkpoints = [str(p) for p in event.get("checkpoints", s.checkpoints)] or s.checkpoints
+                s.message = "Cancelled" if s.cancelled else "Finished"
+            step, total, text = s.step, s.total, s.message
+        if kind == "checkpoint_saved":
+            self._host_call("refresh the checkpoint list", self.host.refresh_checkpoints)
+        if kind in ("started", "step", "progress"):
+            detail = text if kind != "step" else f"step {step}/{total}"
+            self._host_call("show progress", self.host.job_progress, step, total, detail)
+
+    def _watch(self) -> None:
+        process = self._process
+        assert process is not None
+        while process.poll() is None:
+            if self._cancel_deadline is None:
+                interrupted = self._host_call("read the Interrupt button", self.host.interrupt_requested)
+                if interrupted:
+                    self.cancel()
+            elif time.monotonic() > self._cancel_deadline:
+                self._terminate()
+                return
+            time.sleep(self.poll_interval)
+
+    def _terminate(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            self._terminated = True
+            process.terminate()
+
+    def _finish(self, code: int) -> None:
+        with self._lock:
+            s = self._status
+            if code == 0 and not s.finished:
+                s.finished = True
+                s.message = "Finished"
+            if self._terminated:
+                s.cancelled = True
+                s.message = "Stopped (the run did not stop by itself and was terminated)"
+            elif code != 0 and s.error is None:
+                tail = "\n".join(self._output_tail)
+                stderr_tail = self._stderr_tail()
+                s.error = (f"The training process exited with code {code}. "
+                           f"{stderr_tail or tail}").strip()
+                s.message = "Failed"
+
+    def _stderr_tail(self) -> str:
+        if self._model_dir is None:
+            return ""
+        try:
+            lines = (self._model_dir / "logs" / "child-stderr.log").read_text(encoding="utf-8",
+                                                                              errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-15:])
+
+    def _clean_up(self) -> None:
+        try:
+            if self._model_dir is not None:
+                (self._model_dir / CANCEL_REQUEST).unlink(missing_ok=True)
+            self._host_call("clear the progress", self.host.job_finished)
+            self._host_call("refresh the checkpoint list", self.host.refresh_checkpoints)
+            self._host_call("reload the web UI's model", self.host.reload_model)
+        finally:
+            with self._lock:
+                self._status.running = False
+                self._busy_model = None
+                self._process = None
+            self._done.set()
+
+    def _host_call(self, what: str, function: Any, *args: Any) -> Any:
+        """Call the host; a failure there becomes a warning instead of stopping the supervision."""
+        try:
+            return function(*args)
+        except Exception as exc:
+            with self._lock:
+                self._status.warnings.append(f"Could not {what}: {exc}")
+            return None
