@@ -1,0 +1,125 @@
+"""Command line: ``python -m dreambooth {train,new,convert,options,demo,ui}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import DreamBoothError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run one command; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m dreambooth", description="DreamBooth training for Stable Diffusion 1.x.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train the model whose config.json is given (its folder is the model folder)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--json", action="store_true", help="print events as JSON lines on stdout even on a terminal")
+
+    p = commands.add_parser("new", help="write a model folder with a config.json of defaults")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--source", required=True, help="SD 1.x .safetensors/.ckpt or diffusers folder")
+    p.add_argument("--instance-dir", required=True)
+    p.add_argument("--instance-prompt", required=True)
+    p.add_argument("--class-prompt", default="")
+    p.add_argument("--steps", type=int, default=None)
+
+    p = commands.add_parser("convert", help="single file -> diffusers folder, or diffusers folder -> single file")
+    p.add_argument("source", type=Path)
+    p.add_argument("destination", type=Path, help="a folder, or a file ending in .safetensors/.ckpt")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--tokenizer-dir", default="")
+    p.add_argument("--config-dir", default="", help="diffusers config folder for single files of an unusual shape")
+
+    commands.add_parser("options", help="print the reference of every config option (Markdown)")
+
+    p = commands.add_parser("demo", help="train the built-in demo model and print what it learned")
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.add_argument("--quick", action="store_true", help="a reduced run (fewer steps and samples)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = commands.add_parser("ui", help="serve the DreamBooth tab without the web UI")
+    p.add_argument("--models-dir", type=Path, default=Path("models"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--auth", default=None, help="user:password for the page and the API")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DreamBoothError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import run
+    from .events import Events, TerminalProgress
+
+    config = load_config(args.config)
+    model_dir = args.config.resolve().parent
+    json_out = args.json or not sys.stdout.isatty()
+    listener = TerminalProgress(sys.stderr if json_out else sys.stdout) if (not json_out or sys.stderr.isatty()) else None
+    events = Events(model_dir / "logs" / "events.jsonl", sys.stdout if json_out else None, listener)
+    try:
+        run(config, model_dir, events)
+    except DreamBoothError:
+        return 1
+    finally:
+        events.close()
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    from .config import Concept, TrainConfig, check_model_name, save_config
+
+    config = TrainConfig(model_name=check_model_name(args.model_dir.name), source_checkpoint=str(args.source),
+                         concepts=[Concept(instance_dir=args.instance_dir, instance_prompt=args.instance_prompt,
+                                           class_prompt=args.class_prompt)],
+                         prior_preservation=bool(args.class_prompt))
+    if args.steps:
+        config.max_steps = args.steps
+    path = args.model_dir / "config.json"
+    if path.exists():
+        print(f"error: {path} exists already; edit it or pick another folder.", file=sys.stderr)
+        return 1
+    save_config(TrainConfig.from_dict(config.to_dict()), path)
+    print(path)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .models.convert import convert
+
+    print(convert(args.source, args.destination, args.dtype, args.tokenizer_dir, args.config_dir))
+    return 0
+
+
+def _options(args: argparse.Namespace) -> int:
+    from .docs import options_reference
+
+    print(options_reference())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .ui.app import serve
+
+    serve(args.models_dir, args.host, args.port, args.auth)
+    return 0
+
+
+COMMANDS = {"train": _train, "new": _new, "convert": _convert, "options": _options, "demo": _demo, "ui": _ui}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""``run(config, model_dir, events)``: the one entry every front end calls.
+
+Loads the source model, gathers the images, generates missing class images, caches what it may, trains,
+and writes checkpoints; reports everything as events. Errors become one ``error`` event with a message and
+what to do, then propagate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import TrainConfig, validate_for_training
+from .data.cache import ImageLatents, PromptEmbeddings
+from .data.class_images import class_image_folder, existing_class_images, generate_class_images
+from .data.dataset import Example, class_examples, instance_examples
+from .data.images import check_images
+from .errors import Cancelled, ConfigError, DatasetError, DreamBoothError, OutOfMemoryAdvice
+from .events import Events
+from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_checkpoint
+from .models.load import LoadedModel, load_model
+from .sample import inference_pipeline, render_samples
+from .train.loop import Outcome, Run, train
+
+CANCEL_FILE = "cancel.request"
+CLASS_BATCH = 4
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    step: int
+    cancelled: bool
+    checkpoints: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
+    """Train ``config`` with ``model_dir`` as the model's folder; see the module docstring."""
+    model_dir = Path(model_dir)
+    try:
+        return _run(config, model_dir, events)
+    except Cancelled:
+        events.emit("finished", step=0, cancelled=True, checkpoints=[])
+        return RunResult(step=0, cancelled=True)
+    except DreamBoothError as exc:
+        events.emit("error", kind=type(exc).__name__, message=exc.message, advice=exc.advice)
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        advice = OutOfMemoryAdvice(
+            "The GPU ran out of memory.",
+            "Turn on gradient checkpointing, use AdamW 8-bit, turn off text-encoder training, lower the batch size "
+            "or the resolution, and close other programs that use the GPU.")
+        events.emit("error", kind="OutOfMemoryAdvice", message=advice.message, advice=advice.advice)
+        raise advice from exc
+    finally:
+        (model_dir / CANCEL_FILE).unlink(missing_ok=True)
+
+
+def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
+    for warning in validate_for_training(config):
+        events.emit("warning", message=warning)
+    device = resolve_device(config.device)
+    autocast_dtype = resolve_precision(config.mixed_precision, device)
+    cancel_file = model_dir / CANCEL_FILE
+    cancel_file.unlink(missing_ok=True)
+
+    min_side = min(64, config.resolution)
+    instance = [e for concept in config.concepts for e in instance_examples(concept)]
+    check_images([e.path for e in instance], min_side)
+
+    events.emit("status", message=f"Loading {config.source_checkpoint}")
+    loaded = load_model(config.source_checkpoint, model_dir / "working", model_dir / "cache",
+                        config.tokenizer_dir, config.model_config_dir)
+    components = loaded.components
+    components.unet.to(device)
+    components.text_encoder.to(device)
+    components.vae.to(device)
+
+    classes = _class_examples(config, loaded, model_dir, device, events, cancel_file.exists, min_side)
+    if cancel_file.exists():
+        raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
+
+    apply_attention(components.unet, config.attention)
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable()
+
+    latents = ImageLatents(components.vae, config.resolution, config.center_crop, config.cache_latents,
+                           model_dir / "cache" / "latents", loaded.source_id, device, min_side)
+    flips = (False, True) if config.hflip else (False,)
+    latents.prepare([e.path for e in instance + classes], flips,
+                    lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total))
+    if config.cache_latents and not config.center_crop:
+        events.emit("warning", message="Random crops change every step, so latents are not cached.")
+    prompts = PromptEmbeddings(components.tokenizer, components.text_encoder, device,
+                               config.cache_text_embeddings and not config.train_text_encoder)
+
+    output_dir = Path(config.output_dir) if config.output_dir else model_dir / "checkpoints"
+    outcome: Outcome = train(Run(
+        config=config, components=components, instance=instance, classes=classes, latents=latents,
+        prompts=prompts, device=device, autocast_dtype=autocast_dtype, state_dir=model_dir / "state",
+        total_steps=total_steps(config, len(instance)),
+        fingerprint={"source_id": loaded.source_id, "train_text_encoder": config.train_text_encoder,
+                     "optimizer": config.optimizer, "seed": config.seed},
+        events=events,
+        save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
+        render_samples=lambda step: _samples(config, loaded, model_dir, step),
+        cancel_requested=cancel_file.exists,
+    ))
+    events.emit("finished", step=outcome.step, cancelled=outcome.cancelled,
+                checkpoints=[str(p) for p in outcome.checkpoints])
+    return RunResult(step=outcome.step, cancelled=outcome.cancelled, checkpoints=outcome.checkpoints,
+                     losses=outcome.losses)
+
+
+def total_steps(config: TrainConfig, num_instance: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or enough for ``epochs`` passes over the instance images."""
+    if config.epochs:
+        per_step = config.batch_size * config.gradient_accumulation
+        return max(1, math.ceil(config.epochs * num_instance / per_step))
+    return config.max_steps
+
+
+def resolve_device(choice: str) -> torch.device:
+    """'auto' → the GPU when there is one; asking for 'cuda' without one is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("'device' is cuda, but PyTorch finds no CUDA GPU.", "Pick 'auto' or 'cpu'.")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def apply_attention(unet, choice: str) -> None:
+    """Set the UNet's attention kernel: PyTorch SDPA, xformers, or the plain (eager) one."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if choice == "xformers":
+        try:
+            import xformers  # noqa: F401
+
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # ImportError, or xformers built for another torch/CUDA
+            raise ConfigError(f"'attention' is xformers, but xformers cannot be used here ({exc}).",
+                              "Pick 'sdpa' (as fast on current PyTorch).") from None
+        return
+    unet.set_attn_processor(AttnProcessor2_0() if choice == "sdpa" else AttnProcessor())
+
+
+def _class_examples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, device: torch.device,
+                    events: Events, cancelled, min_side: int) -> list[Example]:
+    if not config.prior_preservation:
+        return []
+    examples: list[Example] = []
+    for i, concept in enumerate(config.concepts):
+        folder = class_image_folder(model_dir / "class_images", loaded.source_id, concept, config.resolution)
+        paths = existing_class_images(concept, folder)
+        missing = concept.num_class_images - len(paths)
+        if missing > 0:
+            events.emit("status", message=f"Generating {missing} class images for concepts[{i}]")
+            paths += generate_class_images(
+                lambda: inference_pipeline(loaded.components), concept, folder, missing, config.resolution,
+                CLASS_BATCH, device,
+                lambda done, total: events.emit("progress", phase="Generating class images", done=done, total=total),
+                cancelled)
+        if concept.num_class_images:
+            paths = paths[:concept.num_class_images]
+        if not paths:
+            raise DatasetError(f"concepts[{i}] has no class images and 'num_class_images' is 0.",
+                               "Set 'Class images' above 0 or turn prior preservation off.")
+        check_images(paths, min_side)
+        examples += class_examples(concept, paths)
+    return examples
+
+
+def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:
+    path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
+    tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])
+    training = {
+        "extension": f"dreambooth {__version__}", "base_model": Path(config.source_checkpoint).name,
+        "base_model_id": loaded.source_id, "step": step,
+        "instance_prompts": [c.instance_prompt for c in config.concepts],
+        "class_prompts": [c.class_prompt for c in config.concepts] if config.prior_preservation else [],
+        "learning_rate": config.learning_rate, "train_text_encoder": config.train_text_encoder,
+        "resolution": config.resolution, "seed": config.seed,
+    }
+    metadata = modelspec(loaded.family, loaded.components.prediction_type, config.resolution,
+                         f"{config.model_name} (step {step})", training)
+    save_checkpoint(path, tensors, metadata)
+    events.emit("checkpoint_saved", step=step, path=str(path))
+    return path
+
+
+def _samples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, step: int) -> list[Path]:
+    prompts = [p for c in config.concepts for p in c.sample_prompts] or [config.concepts[0].instance_prompt]
+    return render_samples(loaded.components, prompts, config.sample_negative_prompt, config.sample_guidance_scale,
+                          config.sample_steps, config.sample_seed, config.resolution, model_dir / "samples", step)
+
+
+def read_events(model_dir: Path) -> list[dict]:
+    """Every event a model's runs logged, oldest first."""
+    log = model_dir / "logs" / "events.jsonl"
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,64 @@
+"""Write a model as one file in the original (CompVis/LDM) layout that the web UI, ComfyUI and diffusers read.
+
+The file appears whole or not at all (``fileio.write_atomic``). Safetensors files carry ModelSpec metadata
+(``modelspec.*``) and our training summary under ``dreambooth.training``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..fileio import write_atomic
+from .components import Components
+from .layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ARCHITECTURES = {("sd1", "epsilon"): "stable-diffusion-v1", ("sd1", "v_prediction"): "stable-diffusion-v1/v-prediction"}
+
+
+def checkpoint_tensors(components: Components, extra_tensors: Mapping[str, torch.Tensor] | None = None,
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of the single file: the three models under LDM names (floats cast to ``dtype``), then the
+    source's other tensors (noise-schedule buffers) exactly as they were."""
+    tensors = {}
+    tensors.update(unet_to_ldm(components.unet.state_dict(), components.unet.config))
+    tensors.update(vae_to_ldm(components.vae.state_dict(), components.vae.config))
+    tensors.update(text_encoder_to_ldm(components.text_encoder.state_dict()))
+    out = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+           for k, v in tensors.items()}
+    for key, value in (extra_tensors or {}).items():
+        out.setdefault(key, value.contiguous())
+    return out
+
+
+def modelspec(family: str, prediction_type: str, resolution: int, title: str,
+              training: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """ModelSpec header fields plus our training summary, all strings as safetensors requires."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURES[(family, prediction_type)],
+        "modelspec.implementation": "https://github.com/CompVis/stable-diffusion",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.title": title,
+        "modelspec.date": _dt.date.today().isoformat(),
+    }
+    if training:
+        meta["dreambooth.training"] = json.dumps(training, sort_keys=True, default=str)
+    return meta
+
+
+def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` (``.safetensors`` with metadata, or a ``.ckpt`` with a ``state_dict``)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        return write_atomic(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=dict(metadata or {})))
+    if path.suffix == ".ckpt":
+        return write_atomic(path, lambda tmp: torch.save({"state_dict": dict(tensors)}, str(tmp)))
+    raise ValueError(f"unknown checkpoint format: {path.suffix}")
