@@ -1,0 +1,89 @@
+"""AdamW over a flat buffer, with bf16 weights written back by stochastic rounding.
+
+The arithmetic is torch.optim.AdamW's, done in fp32 whatever the storage dtype. The step count, learning rate
+and gradient-clipping factor live on the device, so a step never waits for the host, and the whole update is
+one elementwise function that ``torch.compile`` fuses into a single kernel over all weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .flat import FlatParameters
+from .rounding import copy_stochastic_
+
+
+def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: torch.Tensor, lr: torch.Tensor, grad_scale: torch.Tensor, beta1: float, beta2: float,
+                  eps: float, weight_decay: float) -> None:
+    """One AdamW step in place on 1-D slices. ``step`` (count after this step), ``lr``, ``grad_scale`` are
+    0-d fp32 device tensors. bf16 ``param``/state are written with stochastic rounding, fp32 ones exactly."""
+    g = grad.float() * grad_scale
+    p = param.float()
+    m = exp_avg.float().lerp(g, 1.0 - beta1)
+    v = exp_avg_sq.float() * beta2 + g * g * (1.0 - beta2)
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    denom = v.sqrt() / bias2.sqrt() + eps
+    p = p * (1.0 - lr * weight_decay) - (lr / bias1) * m / denom
+    copy_stochastic_(param, p)
+    copy_stochastic_(exp_avg, m)
+    copy_stochastic_(exp_avg_sq, v)
+
+
+class FlatAdamW:
+    """AdamW on a :class:`FlatParameters`; ``state_dtype`` fp32 (exact moments) or bf16 (half the memory)."""
+
+    def __init__(self, flat: FlatParameters, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, state_dtype: torch.dtype = torch.float32,
+                 max_grad_norm: float | None = None, compile: bool = False) -> None:
+        self.flat = flat
+        device = flat.data.device
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay, self.max_grad_norm = eps, weight_decay, max_grad_norm
+        self.exp_avg = torch.zeros(flat.numel, dtype=state_dtype, device=device)
+        self.exp_avg_sq = torch.zeros(flat.numel, dtype=state_dtype, device=device)
+        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
+        self.lr = torch.full((), lr, dtype=torch.float32, device=device)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+        self._update: Callable[..., None] = torch.compile(adamw_update_, dynamic=True) if compile else adamw_update_
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate without a host-device sync."""
+        self.lr.fill_(lr)
+
+    def begin_step(self) -> torch.Tensor:
+        """Advance the step count; returns the gradient scale (clipping factor, or 1)."""
+        self.step_count.add_(1.0)
+        return self._one
+
+    def update_range(self, start: int, stop: int, grad: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
+        """Update ``flat.data[start:stop]`` from ``grad`` (same length), after :meth:`begin_step`."""
+        self._update(self.flat.data[start:stop], grad, self.exp_avg[start:stop], self.exp_avg_sq[start:stop],
+                     self.step_count, self.lr, self._one if grad_scale is None else grad_scale,
+                     self.beta1, self.beta2, self.eps, self.weight_decay)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step over the whole flat gradient (clipped to ``max_grad_norm`` first when set), then zero it."""
+        assert self.flat.grad is not None, "FlatAdamW.step needs FlatParameters(with_grad_buffer=True)"
+        self.begin_step()
+        scale = self._one
+        if self.max_grad_norm:
+            norm = torch.linalg.vector_norm(self.flat.grad, dtype=torch.float32)
+            scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        self.update_range(0, self.flat.numel, self.flat.grad, scale)
+        self.flat.zero_grad()
+
+    def state_dict(self) -> dict:
+        """Moments and step count (for resume)."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step_count, "lr": self.lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.step_count.copy_(state["step"])
+        self.lr.copy_(state["lr"])
