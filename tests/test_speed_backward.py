@@ -1,6 +1,5 @@
 """The optimizer step fused into backward gives the same weights as a step after backward, and frees gradients."""
 
-import copy
 
 import torch
 

@@ -7,7 +7,7 @@ one elementwise function that ``torch.compile`` fuses into a single kernel over 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

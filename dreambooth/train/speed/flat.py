@@ -8,7 +8,7 @@ block-wise quantized optimizer state never straddles two parameters' slices at a
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -28,7 +28,7 @@ class Stopwatch:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:  # noqa: PYI034 (typing.Self needs Python 3.11; the web UI runs 3.10)
         self._sync()
         self.start = time.perf_counter()
         return self
