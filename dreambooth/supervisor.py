@@ -20,11 +20,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
-from .config import TrainConfig, check_model_name, load_config, save_config, validate_for_training
+from .config import (
+    TrainConfig,
+    check_model_name,
+    load_config,
+    save_config,
+    validate_for_training,
+)
 from .errors import ConfigError, DreamBoothError
 from .host.base import Host
 
@@ -239,13 +246,10 @@ class Supervisor:
         env["PYTHONIOENCODING"] = "utf-8"
         log_dir = config_path.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        stderr = open(log_dir / "child-stderr.log", "w", encoding="utf-8")
-        try:
+        with open(log_dir / "child-stderr.log", "w", encoding="utf-8") as stderr:
             return subprocess.Popen([*self.launcher, "train", str(config_path), "--json"], cwd=str(REPO_ROOT), env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
                                     text=True, encoding="utf-8", errors="replace", bufsize=1)
-        finally:
-            stderr.close()
 
     def _read_events(self) -> None:
         process = self._process
@@ -271,7 +275,7 @@ class Supervisor:
                 continue
             try:
                 self._apply(event)
-            except Exception as exc:  # a malformed event must not stop the reading: the child would block
+            except Exception as exc:  # noqa: BLE001 (a malformed event must not stop the reading: the child would block)
                 self._output_tail.append(f"unreadable event {line!r}: {exc}")
 
     def _apply(self, event: dict[str, Any]) -> None:
@@ -384,7 +388,7 @@ class Supervisor:
         """Call the host; a failure there becomes a warning instead of stopping the supervision."""
         try:
             return function(*args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the host's failure must not leave the run unsupervised)
             with self._lock:
                 self._status.warnings.append(f"Could not {what}: {exc}")
             return None
