@@ -190,23 +190,31 @@ def test_list_checkpoints_never_lists_partial_files(setup) -> None:
     assert supervisor.list_checkpoints("zwx") == [out / "zwx_3.ckpt"]
 
 
-def test_the_real_engine_trains_a_tiny_model(tmp_path: Path) -> None:
-    """One real run of ``python -m dreambooth train`` on a tiny checkpoint, supervised end to end."""
-    tiny = pytest.importorskip("dreambooth.testing", reason="needs the engine's tiny-checkpoint helper")
-    models = tmp_path / "models"
-    checkpoint = tiny.write_tiny_checkpoint(models / "Stable-diffusion" / "tiny.safetensors")
-    photos = tiny.write_tiny_photos(tmp_path / "photos")
+def test_the_real_engine_trains_a_tiny_model_and_cancels_cleanly(tmp_path: Path, make_config) -> None:
+    """Real runs of ``python -m dreambooth train --json`` on the tiny checkpoint, supervised end to end."""
+    models = tmp_path / "web-ui" / "models"
     host = RecordingHost(models)
-    supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion")
-    config = supervisor.create_model("zwx", checkpoint.name)
-    config = tiny.tiny_config(config, photos)
-    supervisor.start(config)
+    supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion", poll_interval=0.05)
+    supervisor.start(make_config(max_steps=4, save_every=2, prior_preservation=False))
     assert supervisor.wait(300)
     status = supervisor.status()
-    assert status.error is None and status.finished, status
-    assert status.checkpoints and all(Path(p).is_file() for p in status.checkpoints)
-    host.refresh_checkpoints()
-    assert any(t.startswith("zwx/") for t in host.checkpoint_titles())
+    assert status.error is None and status.finished and not status.cancelled, status
+    out = models / "Stable-diffusion" / "zwx"
+    assert status.checkpoints == [str(out / "zwx_2.safetensors"), str(out / "zwx_4.safetensors")]
+    assert [h["step"] for h in status.history] == [1, 2, 3, 4] and status.loss is not None
+    assert supervisor.list_checkpoints("zwx") == [out / "zwx_2.safetensors", out / "zwx_4.safetensors"]
+    assert {"zwx/zwx_2.safetensors", "zwx/zwx_4.safetensors"} <= set(host.checkpoint_titles())
+    assert host.names()[0] == "unload_model" and host.names()[-1] == "reload_model"
+
+    supervisor.start(make_config(model_name="long", max_steps=100_000, save_every=1, prior_preservation=False))
+    _wait_for(lambda: supervisor.status().checkpoints, timeout=120)
+    supervisor.cancel()
+    assert supervisor.wait(120)
+    status = supervisor.status()
+    assert status.cancelled and status.error is None and 1 <= status.step < 100_000
+    files = supervisor.list_checkpoints("long")
+    assert files and [str(f) for f in files] == status.checkpoints
+    assert not list(models.rglob("*.partial")) and not (models / "dreambooth" / "long" / "cancel.request").exists()
 
 
 def _wait_for(condition, timeout: float = 20.0) -> None:
