@@ -1,0 +1,213 @@
+"""The GPU benchmark: one command builds the SD 1.5-architecture model and the dataset once, then runs the
+reference trainer and ours on identical work, each in its own process, and writes a markdown table + JSON.
+
+    python bench/run.py --reference /path/to/train_dreambooth.py --out results/ [--runs NAME ...]
+
+A run is ``runner:mode`` (see ``RUNS``). Work: 512 px, prior preservation (B instance + B class images per
+step), constant LR 5e-6, ``--warmup`` steps then ``--steps`` timed steps. Reported per run: steady-state
+steps/s and images/s (instance + class images through the UNet), peak ``torch.cuda.max_memory_allocated``,
+time to first step (process launch → end of step 1: imports, loading, caching, compilation), save time, and
+MFU against 790 TFLOP/s at 2.41 TFLOP per 512 px UNet training sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+PEAK_FLOPS = 790e12
+FLOP_PER_SAMPLE = 2.41e12
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of zwx dog", "a photo of dog"
+
+REFERENCE_MODES = {
+    "bf16-b1": ["--mixed_precision", "bf16", "--train_batch_size", "1"],
+    "bf16-b8": ["--mixed_precision", "bf16", "--train_batch_size", "8"],
+    "bf16-b16": ["--mixed_precision", "bf16", "--train_batch_size", "16"],
+    "lowmem-b1": ["--mixed_precision", "fp16", "--use_8bit_adam", "--gradient_checkpointing", "--train_batch_size", "1"],
+}
+OURS_LIKE_MODES = {
+    "speed-b1": ["--batch", "1"],
+    "speed-b8": ["--batch", "8"],
+    "speed-b16": ["--batch", "16"],
+    "speed-b32": ["--batch", "32"],
+    "speed-b1-eager": ["--batch", "1", "--compile", "off"],
+    "speed-b1-cudagraphs": ["--batch", "1", "--compile", "reduce-overhead"],
+    "speed-b1-fp32-torchfused": ["--batch", "1", "--weights", "fp32-autocast", "--optimizer", "torch-fused"],
+    "speed-b1-nchw": ["--batch", "1", "--no-channels-last"],
+    "speed-b1-bf16state": ["--batch", "1", "--state-dtype", "bf16"],
+    "speed-b8-fused-bwd": ["--batch", "8", "--fused-backward"],
+    "lowmem-b1": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--checkpointing", "--compile", "off"],
+    "lowmem-b1-nockpt": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--compile", "off"],
+    "lowmem-b1-compiled": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--checkpointing"],
+}
+RUNNERS = {"reference": REFERENCE_MODES, "ours-like": OURS_LIKE_MODES}
+PAIRS = [("speed b1", "reference:bf16-b1", ["ours-like:speed-b1", "engine:speed-b1"]),
+         ("speed b8", "reference:bf16-b8", ["ours-like:speed-b8", "engine:speed-b8"]),
+         ("low-memory b1", "reference:lowmem-b1", ["ours-like:lowmem-b1", "engine:lowmem-b1"])]
+
+
+def batch_of(argv: list[str]) -> int:
+    """The per-step batch (instance images) a run's arguments ask for."""
+    for flag in ("--train_batch_size", "--batch"):
+        if flag in argv:
+            return int(argv[argv.index(flag) + 1])
+    return 1
+
+
+def command(runner: str, mode: str, a, model: Path, instance: Path, klass: Path, timing: Path, work: Path) -> list[str]:
+    """The command line of one run."""
+    if runner == "reference":
+        out = work / "reference-out"
+        return [sys.executable, str(HERE / "reference_run.py"), str(timing), str(a.warmup), str(a.steps),
+                str(a.reference), "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
+                "--class_data_dir", str(klass), "--with_prior_preservation", "--prior_loss_weight", "1.0",
+                "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT, "--num_class_images",
+                str(len(list(klass.glob('*.jpg')))), "--resolution", "512", "--learning_rate", "5e-6",
+                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps",
+                str(a.warmup + a.steps + 1), "--checkpointing_steps", "100000000", "--output_dir", str(out),
+                "--seed", "0", *REFERENCE_MODES[mode]]
+    if runner == "ours-like":
+        return [sys.executable, str(HERE / "ours_like.py"), "--model", str(model), "--instance", str(instance),
+                "--class-dir", str(klass), "--timing", str(timing), "--warmup", str(a.warmup), "--steps",
+                str(a.steps), "--save", str(work / "ours-like.safetensors"), *OURS_LIKE_MODES[mode]]
+    if runner == "engine":
+        from engine_run import engine_command
+
+        return engine_command(mode, a, model, instance, klass, timing, work)
+    raise SystemExit(f"unknown runner {runner}")
+
+
+def summarize(name: str, argv: list[str], timing: dict, launch: float, rc: int, wall: float, steps: int) -> dict:
+    """One row of results from a run's timing marks."""
+    row = {"run": name, "rc": rc, "wall_s": round(wall, 1), "batch": batch_of(argv)}
+    if "timed_start" in timing and "timed_end" in timing:
+        sps = steps / (timing["timed_end"] - timing["timed_start"])
+        ips = sps * 2 * row["batch"]
+        row.update(steps_per_s=round(sps, 3), images_per_s=round(ips, 2),
+                   mfu=round(ips * FLOP_PER_SAMPLE / PEAK_FLOPS, 4))
+    if "peak_bytes" in timing:
+        row["peak_gb"] = round(timing["peak_bytes"] / 1e9, 2)
+    if "first_step_done" in timing:
+        row["first_step_s"] = round(timing["first_step_done"] - launch, 1)
+    if "save_start" in timing and "save_end" in timing:
+        row["save_s"] = round(timing["save_end"] - timing["save_start"], 1)
+    for key in ("compile_s", "cache_s", "last_losses"):
+        if key in timing:
+            row[key] = timing[key]
+    return row
+
+
+def environment() -> dict:
+    """GPU and library versions of this machine."""
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    for name in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception as exc:  # noqa: BLE001 (a missing optional package is reported, not fatal)
+            env[name] = f"absent ({type(exc).__name__})"
+    return env
+
+
+def table(rows: list[dict], env: dict) -> str:
+    """The markdown table plus ratios of each of ours to the reference's closest mode."""
+    head = ("| run | batch | steps/s | images/s | MFU | peak GB | first step s | save s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in rows:
+        lines.append(f"| {r['run']}{'' if r['rc'] == 0 else ' (rc ' + str(r['rc']) + ')'} | {r['batch']} | "
+                     f"{r.get('steps_per_s', '–')} | {r.get('images_per_s', '–')} | "
+                     f"{format(r['mfu'], '.1%') if 'mfu' in r else '–'} | {r.get('peak_gb', '–')} | "
+                     f"{r.get('first_step_s', '–')} | {r.get('save_s', '–')} |")
+    by_name = {r["run"]: r for r in rows}
+    notes = []
+    for label, ref, ours_names in PAIRS:
+        for ours in ours_names:
+            if ref in by_name and ours in by_name and "steps_per_s" in by_name[ref] and "steps_per_s" in by_name[ours]:
+                ratio = by_name[ours]["steps_per_s"] / by_name[ref]["steps_per_s"]
+                notes.append(f"- {label}: {ours} / {ref} = **{ratio:.2f}×** steps/s "
+                             f"({by_name[ours].get('peak_gb', '?')} GB vs {by_name[ref].get('peak_gb', '?')} GB)")
+    ref_best = max((r for r in rows if r["run"].startswith("reference:") and "images_per_s" in r),
+                   key=lambda r: r["images_per_s"], default=None)
+    for prefix in ("ours-like:", "engine:"):
+        best = max((r for r in rows if r["run"].startswith(prefix) and "images_per_s" in r),
+                   key=lambda r: r["images_per_s"], default=None)
+        if ref_best and best:
+            notes.append(f"- best large batch: {best['run']} {best['images_per_s']} images/s vs {ref_best['run']} "
+                         f"{ref_best['images_per_s']} images/s = **{best['images_per_s'] / ref_best['images_per_s']:.2f}×**")
+    envline = ", ".join(f"{k} {v}" for k, v in env.items())
+    return f"{envline}\n\n{head}" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def main() -> None:
+    """Build once, run everything asked for, write results.json and results.md into --out."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference", type=Path, help="diffusers' examples/dreambooth/train_dreambooth.py")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dreambooth-bench"))
+    ap.add_argument("--tokenizer", type=Path, default=REPO / "build" / "tokenizer")
+    ap.add_argument("--runs", nargs="+", default=["reference:bf16-b1", "ours-like:speed-b1"])
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per run")
+    a = ap.parse_args()
+
+    from dataset import build_dataset
+    from sd15 import build_sd15, parameter_counts
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    instance, klass = build_dataset(a.work / "data")
+    model = build_sd15(a.work / "sd15", a.tokenizer)
+    env = environment()
+    env["weights"] = parameter_counts(model)
+    print(f"built model + data in {time.time() - t0:.0f} s; {env}", flush=True)
+
+    rows, log_tail = [], []
+    results_path = a.out / "results.json"
+    for name in a.runs:
+        runner, mode = name.split(":", 1)
+        timing_path = a.work / "timing" / f"{runner}-{mode}.json"
+        timing_path.unlink(missing_ok=True)
+        argv = command(runner, mode, a, model, instance, klass, timing_path, a.work)
+        log_path = a.work / "logs" / f"{runner}-{mode}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        launch = time.time()
+        with open(log_path, "w") as log:
+            try:
+                rc = subprocess.run(argv, check=False, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        wall = time.time() - launch
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+        row = summarize(name, argv, timing, launch, rc, wall, a.steps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        lines = log_path.read_text(errors="replace").splitlines()
+        log_tail.append(f"===== {name} rc={rc}\n" + "\n".join(line[-300:] for line in lines[-60:]))
+        results_path.write_text(json.dumps({"environment": env, "warmup": a.warmup, "steps": a.steps, "rows": rows},
+                                           indent=1))
+        (a.out / "logs.txt").write_text("\n".join(log_tail))
+    md = table(rows, env)
+    (a.out / "results.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""What every runner records, the same way: wall-clock points synchronised with the GPU, and peak memory.
+
+``StepClock.at_step(i)`` is called at the start of step ``i`` (0-based, before its forward pass): step 1 marks
+the end of the first step (time to first step), steps ``warmup`` and ``warmup + timed`` bound the timed window.
+Only those three calls synchronise; the others cost a counter increment. Times are ``time.time()`` so the
+orchestrator can subtract its own launch time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class StepClock:
+    """Records the marks described in the module docstring and writes them as JSON."""
+
+    def __init__(self, path: Path, warmup: int, timed: int) -> None:
+        self.path, self.warmup, self.timed = Path(path), warmup, timed
+        self.marks: dict[str, float] = {}
+        self.index = 0
+
+    def _mark(self, name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks[name] = time.time()
+
+    def at_step(self) -> None:
+        """Call at the start of every training step."""
+        i = self.index
+        self.index += 1
+        if i == 1:
+            self._mark("first_step_done")
+        if i == self.warmup:
+            self._mark("timed_start")
+        if i == self.warmup + self.timed:
+            self._mark("timed_end")
+            if torch.cuda.is_available():
+                self.marks["peak_bytes"] = float(torch.cuda.max_memory_allocated())
+
+    def mark(self, name: str, value: float | None = None) -> None:
+        """Record another point (synchronised) or a value."""
+        if value is None:
+            self._mark(name)
+        else:
+            self.marks[name] = value
+
+    def write(self, **extra) -> None:
+        """Write the marks (and ``extra``) to the JSON file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.marks, **extra, "steps_seen": self.index}, indent=1))
