@@ -216,7 +216,9 @@ def _identify(handle: BinaryIO, path: Path) -> ImageFile.ImageFile:
             continue
         factory, accept = entry
         verdict = accept(prefix) if accept else True
-        if not verdict or isinstance(verdict, str):  # newer Pillow answers a warning text for near misses
+        if isinstance(verdict, str):  # Pillow's word for a format it knows but cannot decode in this build
+            raise _Unusable(f"cannot be opened ({verdict})", "Convert it to JPEG or PNG.")
+        if not verdict:
             continue
         handle.seek(0)
         try:
@@ -225,7 +227,7 @@ def _identify(handle: BinaryIO, path: Path) -> ImageFile.ImageFile:
             raise _Unusable(f"is larger than Pillow {Image.__version__} opens as {name}",
                             "Scale it down (or save it as JPEG or PNG) and try again.") from None
         except _DECODE_ERRORS as exc:
-            raise _Unusable(f"is damaged: its {name} header cannot be read ({exc})", _RESAVE) from None
+            raise _Unusable(f"is damaged or cut off: it cannot be read as {name} ({exc})", _RESAVE) from None
     raise _Unusable(f"is not a {_FORMAT_NAMES} image (it may be another kind of file with an image's name)",
                     "Remove it from the folder, or convert it to JPEG or PNG.")
 
