@@ -33,7 +33,7 @@ class Events:
         self.on_event = on_event
         self._log: IO[str] | None = None
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
         """Record one event and hand it to every listener."""
         event = {"event": kind, "time": round(time.time(), 3), **fields}
         line = json.dumps(event, default=str)

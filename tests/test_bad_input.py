@@ -1,0 +1,135 @@
+"""Bad input through the engine: a clear error naming the thing and what to do, and nothing written."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dreambooth.config import ConfigError
+from dreambooth.engine import run
+from dreambooth.errors import DatasetError, ModelFormatError
+from dreambooth.models.read import detect_family, read_tensors
+
+
+def _error_event(events):
+    errors = [e for e in events.collected if e["event"] == "error"]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def _nothing_written(model_dir):
+    return not (model_dir / "checkpoints").exists() and not list(model_dir.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"", "is empty (0 bytes)"),
+    (b"this is a text file, not a model", "is not a readable checkpoint"),
+])
+def test_a_checkpoint_that_is_not_a_model_is_refused_by_name(tmp_path, make_config, model_dir, events, content,
+                                                             expect):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(content)
+    with pytest.raises(ModelFormatError) as error:
+        run(make_config(source_checkpoint=str(bogus)), model_dir, events)
+    assert str(bogus) in str(error.value) and expect in str(error.value)
+    assert _error_event(events)["message"] == error.value.message
+    assert _nothing_written(model_dir)
+
+
+def test_a_safetensors_file_of_something_else_is_refused(tmp_path, make_config, model_dir, events):
+    other = tmp_path / "embedding.safetensors"
+    save_file({"emb_params": torch.zeros(2, 768)}, str(other))
+    with pytest.raises(ModelFormatError, match="not a Stable Diffusion checkpoint"):
+        run(make_config(source_checkpoint=str(other)), model_dir, events)
+    assert _nothing_written(model_dir)
+
+
+def test_a_missing_checkpoint_says_so(tmp_path, make_config, model_dir, events):
+    with pytest.raises(ModelFormatError, match="does not exist"):
+        run(make_config(source_checkpoint=str(tmp_path / "nope.safetensors")), model_dir, events)
+
+
+@pytest.mark.parametrize("keys,family_error", [
+    (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SDXL"),
+    (["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SD 2.x"),
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
+    (["down_blocks.0.resnets.0.conv1.weight", "conv_in.weight"], "diffusers UNet"),
+    (["model.diffusion_model.out.2.bias", "cond_stage_model.transformer.text_model.final_layer_norm.bias"], "no VAE"),
+])
+def test_unsupported_families_get_a_clear_error(tmp_path, keys, family_error):
+    with pytest.raises(ModelFormatError, match=family_error):
+        detect_family(keys, tmp_path / "x.safetensors")
+
+
+def test_old_ckpt_with_pickled_lightning_callbacks_is_read_without_running_code(tmp_path, tiny, monkeypatch):
+    import sys
+    import types
+
+    class ModelCheckpoint:
+        pass
+
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = names[-1], "ModelCheckpoint"
+    sys.modules[names[-1]].ModelCheckpoint = ModelCheckpoint
+    tensors = read_tensors(tiny.path)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": tensors, "callbacks": {"cb": ModelCheckpoint()}, "global_step": 5}, str(path))
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    back = read_tensors(path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in back)
+
+
+def test_a_ckpt_that_would_run_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": {"x": Evil()}}, handle)
+    with pytest.raises(ModelFormatError, match="evil.ckpt"):
+        read_tensors(path)
+
+
+def test_missing_and_empty_instance_folders(tmp_path, make_config, model_dir, events):
+    with pytest.raises(DatasetError, match="does not exist|not found|missing"):
+        run(make_config(concept={"instance_dir": str(tmp_path / "nowhere")}), model_dir, events)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        run(make_config(concept={"instance_dir": str(empty)}), model_dir, events)
+    assert _nothing_written(model_dir)
+
+
+def test_a_broken_photo_stops_the_run_before_anything_is_loaded(make_config, model_dir, events, instance_dir):
+    broken = instance_dir / "zwx_broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DatasetError) as error:
+        run(make_config(), model_dir, events)
+    assert "zwx_broken.jpg" in str(error.value)
+    assert not (model_dir / "working").exists()
+
+
+def test_class_folder_equal_to_instance_folder_is_an_error(make_config, model_dir, events, instance_dir):
+    with pytest.raises(ConfigError, match="class_dir' is the instance folder"):
+        run(make_config(concept={"class_dir": str(instance_dir)}), model_dir, events)
+
+
+def test_an_instance_prompt_without_a_rare_token_warns(make_config, model_dir, events):
+    run(make_config(max_steps=1, concept={"instance_prompt": "photo of a disc"}), model_dir, events)
+    warnings = [e["message"] for e in events.collected if e["event"] == "warning"]
+    assert any("rare token" in w for w in warnings)
+
+
+def test_an_8x8_photo_is_rejected_with_the_minimum(make_config, model_dir, events, instance_dir):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(instance_dir / "tiny.png")
+    with pytest.raises(DatasetError, match=r"tiny\.png.*8x8.*64"):
+        run(make_config(), model_dir, events)
