@@ -122,6 +122,30 @@ def test_text_file_with_an_image_name(tmp_path: Path) -> None:
     assert str(fake) in err.value.message
 
 
+@pytest.mark.parametrize("name, content, kind", [
+    ("animation.png", None, "it is a GIF image"),
+    ("download.jpg", b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "it is a web page"),
+    ("IMG_0001.jpg", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "it is a HEIC/HEIF photo"),
+])
+def test_other_kinds_of_file_are_named(tmp_path: Path, name: str, content: bytes | None, kind: str) -> None:
+    path = tmp_path / name
+    if content is None:
+        Image.new("P", (16, 16)).save(path, format="GIF")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DatasetError, match=kind) as err:
+        load_image(path, 8)
+    assert str(path) in err.value.message and "JPEG or PNG" in err.value.advice
+
+
+def test_folder_of_iphone_photos_says_to_convert_them(tmp_path: Path) -> None:
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "IMG_0002.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(DatasetError, match=r"2 \.heic files") as err:
+        list_images(tmp_path, "instance images")
+    assert "Convert .heic pictures to JPEG or PNG first" in err.value.advice
+
+
 def test_damaged_header(tmp_path: Path) -> None:
     noise(32, 32).save(tmp_path / "ok.png")
     data = bytearray((tmp_path / "ok.png").read_bytes())

@@ -37,6 +37,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_DECODE_SIDE: int = 4096
 MAX_PIXELS: int = 1_000_000_000
 
+_OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".gif", ".tif", ".tiff", ".jxl", ".raw", ".dng",
+                           ".cr2", ".nef", ".arw", ".psd", ".svg")
 _FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _FORMAT_NAMES = "JPEG, PNG, WebP or BMP"
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
@@ -55,6 +57,19 @@ _ORIENTATIONS = {
 # What Pillow raises for files that are damaged, cut off or not what their header claims.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, zlib.error,
                   Image.DecompressionBombError)
+_SIGNATURES = (
+    (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\xff\x0a", "a JPEG XL image"),
+    (b"\x00\x00\x00\x0cJXL ", "a JPEG XL image"),
+    (b"%PDF", "a PDF document"),
+    (b"<!doctype html", "a web page (often what a failed download saves)"),
+    (b"<html", "a web page (often what a failed download saves)"),
+    (b"<?xml", "an XML or SVG file"),
+    (b"<svg", "an SVG drawing"),
+    (b"PK\x03\x04", "a ZIP archive"),
+)
 _RESAVE = "Open it in an image editor and save it again, or remove it from the folder."
 
 
@@ -91,8 +106,11 @@ def list_images(folder: str | Path, role: str) -> list[Path]:
                            "Check that your user may open this folder.") from exc
     images = [entry for entry in entries if entry.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file()]
     if not images:
-        raise DatasetError(f"The folder for the {role} holds no images: {path}{_describe_others(entries)}",
-                           f"Put {_extension_list()} files directly in this folder (sub-folders are not searched).")
+        advice = f"Put {_extension_list()} files directly in this folder (sub-folders are not searched)."
+        convertible = sorted({entry.suffix.lower() for entry in entries} & set(_OTHER_IMAGE_EXTENSIONS))
+        if convertible:
+            advice += f" Convert {' and '.join(convertible)} pictures to JPEG or PNG first."
+        raise DatasetError(f"The folder for the {role} holds no images: {path}{_describe_others(entries)}", advice)
     return sorted(images, key=lambda entry: (entry.name.casefold(), entry.name))
 
 
@@ -228,8 +246,28 @@ def _identify(handle: BinaryIO, path: Path) -> ImageFile.ImageFile:
                             "Scale it down (or save it as JPEG or PNG) and try again.") from None
         except _DECODE_ERRORS as exc:
             raise _Unusable(f"is damaged or cut off: it cannot be read as {name} ({exc})", _RESAVE) from None
+    kind = _sniff(prefix)
+    if kind:
+        raise _Unusable(f"is not a {_FORMAT_NAMES} image: it is {kind} with the name of an image",
+                        "Convert it to JPEG or PNG, or remove it from the folder.")
     raise _Unusable(f"is not a {_FORMAT_NAMES} image (it may be another kind of file with an image's name)",
                     "Remove it from the folder, or convert it to JPEG or PNG.")
+
+
+def _sniff(prefix: bytes) -> str:
+    """Name the kind of a file we do not decode from its first bytes ("a HEIC photo"), or return ""."""
+    if prefix[4:8] == b"ftyp":
+        brand = prefix[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"heim", b"heis"):
+            return "a HEIC/HEIF photo (the iPhone's format)"
+        if brand in (b"avif", b"avis"):
+            return "an AVIF image"
+        return "a video or MP4-family file"
+    lowered = prefix.lstrip().lower()
+    for signature, kind in _SIGNATURES:
+        if prefix.startswith(signature) or lowered.startswith(signature):
+            return kind
+    return ""
 
 
 def _check_size(image: Image.Image, min_side: int) -> None:
