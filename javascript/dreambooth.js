@@ -59,7 +59,7 @@
         setTimeout(start, 500);  // after a page load: shows a run that is already going
         return true;
     }
-    window.dreamboothTab = {start: start, stop: stop};
+    window.dreamboothTab = {start: start, stop: stop, active: function () { return timer !== null; }};
     if (!hook()) {
         var observer = new MutationObserver(function () { if (hook()) observer.disconnect(); });
         observer.observe(document.documentElement, {childList: true, subtree: true});

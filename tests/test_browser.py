@@ -123,7 +123,8 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     field(page, "dreambooth_concepts_0_class_prompt").fill("photo of a disc")
     field(page, "dreambooth_max_steps").fill("4")
     field(page, "dreambooth_learning_rate").fill("0.001")
-    for group in ("Model", "Images", "Memory and speed", "Loss", "Saving"):
+    field(page, "dreambooth_concepts_0_sample_prompts").fill("photo of zwx disc")
+    for group in ("Model", "Images", "Memory and speed", "Loss", "Saving", "Samples"):
         open_panel(page, group)
     field(page, "dreambooth_model_config_dir").fill(str(tiny.config_dir))
     field(page, "dreambooth_tokenizer_dir").fill(str(tokenizer_dir))
@@ -131,6 +132,8 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     choose(page, "dreambooth_device", "cpu")
     page.locator("#dreambooth_prior_preservation input[type=checkbox]").set_checked(False)
     field(page, "dreambooth_save_every").fill("2")
+    field(page, "dreambooth_sample_every").fill("2")
+    field(page, "dreambooth_sample_steps").fill("2")
 
     # Train: the run finishes with its checkpoints listed.
     page.locator("#dreambooth_train").click()
@@ -138,11 +141,13 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     final = wait_for_state(page, {"finished", "failed", "cancelled"})
     assert final == {"state": "finished", "step": "4", "total": "4"}, progress_text(page)
     assert int(page.locator("#dreambooth_plot_svg").get_attribute("data-points")) >= 2
+    expect(page.locator("#dreambooth_samples img").first).to_be_visible()  # the newest previews
     checkpoints = page.locator("#dreambooth_checkpoints")
     expect(checkpoints).to_contain_text("zwx_4.safetensors")
     expect(checkpoints).to_contain_text("zwx_2.safetensors")
     config = app.supervisor.load_config("zwx")
     assert (config.max_steps, config.resolution, config.device, config.prior_preservation) == (4, 64, "cpu", False)
+    assert config.concepts[0].sample_prompts == ["photo of zwx disc"] and config.sample_every == 2
 
     # "Use in txt2img" hands the checkpoint to the host.
     page.locator("#dreambooth_use").click()
@@ -157,7 +162,9 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     # A long run, cancelled mid-way: it stops after the current step and nothing half-written remains.
     field(page, "dreambooth_max_steps").fill("100000")
     open_panel(page, "Saving")
+    open_panel(page, "Samples")
     field(page, "dreambooth_save_every").fill("3")
+    field(page, "dreambooth_sample_every").fill("0")
     page.locator("#dreambooth_train").click()
     running_steps = set()  # the progress moves: several steps of the run are shown while it runs
     deadline = time.monotonic() + 60
@@ -181,5 +188,7 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     assert "zwx_3.safetensors" in saved and all(name.endswith(".safetensors") for name in saved)
     for name in saved:  # every file there is whole: its header and every tensor read back
         with safe_open(str(app.models / "Stable-diffusion" / "zwx" / name), "pt") as f:
-            assert all(f.get_tensor(key).numel() > 0 for key in f.keys())
+            assert all(f.get_tensor(key).numel() > 0 for key in f.keys())  # noqa: SIM118 (safe_open is no dict)
     expect(page.locator("#dreambooth_checkpoints")).to_contain_text("zwx_3.safetensors")
+    # The page's polling ends with the run.
+    page.wait_for_function("() => window.dreamboothTab && !window.dreamboothTab.active()", timeout=10_000)
