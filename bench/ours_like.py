@@ -30,7 +30,11 @@ from timing import StepClock
 from dreambooth.train.speed.adamw import FlatAdamW
 from dreambooth.train.speed.backward import BackwardStep
 from dreambooth.train.speed.flat import FlatParameters
-from dreambooth.train.speed.layout import compile_module, to_channels_last
+from dreambooth.train.speed.layout import (
+    compile_blocks,
+    compile_module,
+    to_channels_last,
+)
 from dreambooth.train.speed.scalars import DeviceScalars
 
 
@@ -45,7 +49,7 @@ def load_pixels(path: Path, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_latents(vae, folder: Path, device, size: int = 512, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def cache_latents(vae, folder: Path, device, size: int = 512, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE posterior for every image and its mirror image (bf16, on the device)."""
     paths = sorted(folder.glob("*.jpg"))
     means, stds = [], []
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--fused-backward", action="store_true")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--compile", default="default", help="torch.compile mode, or 'off'")
+    ap.add_argument("--compile-scope", choices=["full", "blocks"], default="full")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--save", type=Path)
@@ -110,6 +115,8 @@ def main() -> None:
     del text_encoder
     torch.cuda.empty_cache()
     clock.mark("cached")
+    print(f"cached latents + embeddings in {clock.marks['cached'] - clock.marks['process_start']:.1f} s, "
+          f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
 
     weight_dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=weight_dtype).to(device)
@@ -133,7 +140,12 @@ def main() -> None:
                                   max_grad_norm=None if args.fused_backward else args.clip,
                                   compile=args.compile != "off")
         stepper = BackwardStep(flat, optimizer) if args.fused_backward else None
-    model = unet if args.compile == "off" else compile_module(unet, None if args.compile == "default" else args.compile)
+    mode = None if args.compile == "default" else args.compile
+    model = unet
+    if args.compile != "off" and args.compile_scope == "blocks":
+        print(f"compiled {compile_blocks(unet, mode=mode)} blocks", flush=True)
+    elif args.compile != "off":
+        model = compile_module(unet, mode)
 
     schedule = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
     alphas = schedule.alphas_cumprod.to(device)
@@ -146,6 +158,8 @@ def main() -> None:
 
     for step in range(args.warmup + args.steps + 1):
         clock.at_step()
+        if step in (1, 2):
+            print(f"step {step} starts at {time.time() - clock.marks['process_start']:.1f} s", flush=True)
         pick_i = torch.randint(0, mean_i.shape[0], (b,), device=device)
         pick_c = torch.randint(0, mean_c.shape[0], (b,), device=device)
         mean = torch.cat([mean_i[pick_i], mean_c[pick_c]]).float()

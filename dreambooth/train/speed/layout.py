@@ -36,3 +36,23 @@ class Stopwatch:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self.start
+
+
+def compile_blocks(module: torch.nn.Module, block_names: tuple[str, ...] = ("BasicTransformerBlock", "ResnetBlock2D",
+                   "Transformer2DModel", "Downsample2D", "Upsample2D"), mode: str | None = None) -> int:
+    """Compile each repeated block in place (``nn.Module.compile``) instead of the whole model: blocks of one
+    class share compiled code, so compilation takes a fraction of a whole-model compile, and each block's
+    backward is its own graph (gradient hooks fire block by block). Outer-most matches win; returns the count."""
+    count = 0
+
+    def visit(parent: torch.nn.Module) -> None:
+        nonlocal count
+        for child in parent.children():
+            if type(child).__name__ in block_names:
+                child.compile(mode=mode)
+                count += 1
+            else:
+                visit(child)
+
+    visit(module)
+    return count

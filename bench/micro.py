@@ -1,0 +1,138 @@
+# ruff: noqa: B023  (each closure is called only within its own loop iteration)
+"""Component timings on the GPU, to see where a step's time goes: the UNet's forward+backward (eager, compiled
+block by block, compiled whole) and one optimizer step over all 859.5 M UNet weights (each optimizer variant).
+
+    python bench/micro.py --model /tmp/dreambooth-bench/sd15 [--batches 1 8] [--unet eager blocks full] [--optim]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dreambooth.train.speed.adamw import FlatAdamW
+from dreambooth.train.speed.flat import FlatParameters
+from dreambooth.train.speed.layout import compile_blocks, to_channels_last
+
+
+def timed(fn, repeat: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeat`` runs (each synchronised)."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool) -> None:
+    """Print compile seconds and median fwd+bwd milliseconds of one variant."""
+    from diffusers import UNet2DConditionModel
+
+    torch._dynamo.reset()
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.bfloat16).cuda()
+    to_channels_last(unet).train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    model = unet
+    if variant == "blocks":
+        compile_blocks(unet)
+    elif variant == "full":
+        model = torch.compile(unet, dynamic=False)
+    n = 2 * batch
+    x = torch.randn(n, 4, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (n,), device="cuda")
+    c = torch.randn(n, 77, 768, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = model(x, t, c, return_dict=False)[0]
+        out.float().square().mean().backward()
+        for p in unet.parameters():
+            p.grad = None
+
+    torch.cuda.reset_peak_memory_stats()
+    first = timed(step, 1) / 1e3
+    timed(step, 3)
+    ms = timed(step, 15)
+    ips = n / ms * 1e3
+    print(f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}: first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
+          f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB",
+          flush=True)
+
+
+def optim_cases(model_dir: Path) -> None:
+    """Print milliseconds per optimizer step over the UNet's weights, for each optimizer variant."""
+    from diffusers import UNet2DConditionModel
+
+    for name in ("flat-adamw-compiled", "flat-adamw-bf16state-compiled", "flat-adamw-eager", "torch-fused-fp32",
+                 "flat-adamw8bit"):
+        torch._dynamo.reset()
+        dtype = torch.float32 if name == "torch-fused-fp32" else torch.bfloat16
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype).cuda()
+        if name == "torch-fused-fp32":
+            opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, fused=True)
+            for p in unet.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
+
+            def step():
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                opt.step()
+        elif name == "flat-adamw8bit":
+            from dreambooth.train.speed.adamw8bit import FlatAdamW8bit
+
+            flat = FlatParameters(unet.parameters(), dtype=dtype)
+            flat.grad.normal_(0, 1e-3)
+            opt8 = FlatAdamW8bit(flat, lr=5e-6)
+            chunk = 32 * 1024 * 1024
+
+            def step():
+                opt8.begin_step()
+                for s in range(0, flat.numel, chunk):
+                    e = min(s + chunk, flat.numel)
+                    opt8.update_range(s, e, flat.grad[s:e])
+        else:
+            flat = FlatParameters(unet.parameters(), dtype=dtype)
+            opt = FlatAdamW(flat, lr=5e-6, max_grad_norm=1.0, compile="compiled" in name,
+                            state_dtype=torch.bfloat16 if "bf16state" in name else torch.float32)
+            g = torch.randn(flat.numel, device="cuda", dtype=dtype) * 1e-3
+
+            def step():
+                flat.grad.copy_(g)
+                opt.step()
+        first = timed(step, 1) / 1e3
+        ms = timed(step, 10)
+        torch.cuda.empty_cache()
+        print(f"optimizer {name}: first {first:.1f} s, step {ms:.2f} ms, memory {torch.cuda.memory_allocated() / 1e9:.1f} GB",
+              flush=True)
+
+
+def main() -> None:
+    """Run the cases asked for."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=Path("/tmp/dreambooth-bench/sd15"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1])
+    ap.add_argument("--unet", nargs="*", default=["eager", "blocks"])
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--optim", action="store_true")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if a.optim:
+        optim_cases(a.model)
+    for batch in a.batches:
+        for variant in a.unet:
+            unet_case(a.model, batch, variant, a.checkpointing)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
