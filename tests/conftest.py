@@ -43,12 +43,12 @@ def tiny(tmp_path_factory, tokenizer_dir):
 
 
 def draw_subject(path: Path, seed: int, size: int = 64, colour=(220, 40, 40)) -> Path:
-    """A coloured disc on a varied background: a stand-in photo of a subject."""
+    """A coloured disc on a varied background, a little wider than high: a stand-in photo of a subject."""
     rng = np.random.default_rng(seed)
     background = tuple(int(v) for v in rng.integers(0, 255, 3))
-    image = Image.new("RGB", (size, size), background)
+    image = Image.new("RGB", (size + size // 4, size), background)
     r = size // 4 + int(rng.integers(0, size // 8))
-    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    cx, cy = int(rng.integers(r, size + size // 4 - r)), int(rng.integers(r, size - r))
     ImageDraw.Draw(image).ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -86,7 +86,10 @@ def train(run: Run) -> Outcome:
     elif snapshot is not None:
         run.events.emit("warning", message=f"The resume point {snapshot.folder.name} belongs to other settings "
                                            "(model, steps or trained parts changed); starting from step 0.")
-    run.events.emit("started", model=cfg.model_name, total_steps=run.total_steps, resumed_from=step)
+    run.events.emit("started", model=cfg.model_name, total_steps=run.total_steps, resumed_from=step,
+                    device=str(run.device), precision=str(run.autocast_dtype or torch.float32).removeprefix("torch."),
+                    optimizer=type(optimizer).__name__, attention=_attention_kernel(unet),
+                    gradient_checkpointing=bool(unet.is_gradient_checkpointing))
 
     scaler = _grad_scaler(run)
     autocast = (torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype
@@ -151,6 +154,11 @@ def train(run: Run) -> Outcome:
             break
     outcome.step = step
     return outcome
+
+
+def _attention_kernel(unet) -> str:
+    kernels = {type(p).__name__ for p in unet.attn_processors.values()}
+    return ",".join(sorted(kernels))
 
 
 def _grad_scaler(run: Run):

@@ -1,0 +1,182 @@
+"""Every option changes something a test can observe: the loss, the learning rates, the optimizer, the weights,
+the saved files, the class images or the previews. An option that changes nothing does not exist.
+
+Each case runs two short trainings on the tiny model, the baseline and one option changed, and names what
+must differ. ``test_every_option_is_covered`` fails when a new option has no case here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth.config import Concept, ConfigError, TrainConfig, option_specs
+from dreambooth.data import cache as cache_module
+from dreambooth.engine import run
+from dreambooth.events import Events
+from dreambooth.models.read import read_tensors
+
+BASE = {"max_steps": 2, "sample_every": 2, "sample_steps": 2, "save_every": 0}
+BASE_CONCEPT = {"num_class_images": 1, "class_infer_steps": 2, "sample_prompts": ["zwx disc"]}
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def observe(make_config, work: Path, monkeypatch, concept=None, **options) -> dict:
+    """Train briefly and record everything an option might change."""
+    config = make_config(concept={**BASE_CONCEPT, **(concept or {})}, **{**BASE, **options})
+    model_dir = work / "zwx"
+    for leftover in ("state", "checkpoints", "samples", "cache", "class_images"):
+        shutil.rmtree(model_dir / leftover, ignore_errors=True)
+    calls = {"prompts": 0}
+    original = cache_module.PromptEmbeddings._encode
+
+    def counting(self, prompts):
+        calls["prompts"] += 1
+        return original(self, prompts)
+
+    monkeypatch.setattr(cache_module.PromptEmbeddings, "_encode", counting)
+    seen: list[dict] = []
+    result = run(config, model_dir, Events(on_event=seen.append))
+    checkpoint = result.checkpoints[-1]
+    tensors = read_tensors(checkpoint)
+    unet_key = "model.diffusion_model.out.2.weight"
+    te_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    started = next(e for e in seen if e["event"] == "started")
+    return {
+        "loss": [e["loss"] for e in seen if e["event"] == "step"],
+        "lr": [e["lr"] for e in seen if e["event"] == "step"],
+        "steps": result.step,
+        "unet": tensors[unet_key].float().sum().item() + tensors[unet_key].float().abs().max().item(),
+        "text_encoder": tensors[te_key].float().sum().item(),
+        "file": (checkpoint.parent, checkpoint.name),
+        "files": [p.name for p in result.checkpoints],
+        "latent_cache_files": len(list((model_dir / "cache" / "latents").glob("*.safetensors"))),
+        "dtype": tensors[unet_key].dtype,
+        "class_images": _digest((model_dir / "class_images").rglob("*.png")),
+        "samples": _digest(p for e in seen if e["event"] == "sample" for p in e["paths"]),
+        "sample_count": sum(len(e["paths"]) for e in seen if e["event"] == "sample"),
+        "states": sorted(p.name for p in (model_dir / "state").glob("step_*")),
+        "prompt_encodes": calls["prompts"],
+        "started": {k: started[k] for k in ("optimizer", "precision", "attention", "gradient_checkpointing", "device")},
+        "warnings": [e["message"] for e in seen if e["event"] == "warning"],
+    }
+
+
+# option -> (changed value(s), what must differ, [the reference run's settings if not the baseline])
+CASES: dict[str, tuple] = {
+    "model_name": ({"model_name": "other"}, "file"),
+    "output_dir": ({"output_dir": "<tmp>/elsewhere"}, "file"),
+    "resolution": ({"resolution": 128}, "loss"),
+    "center_crop": ({"center_crop": False}, "loss"),
+    "hflip": ({"hflip": True}, "loss"),
+    "max_steps": ({"max_steps": 3}, "steps"),
+    "epochs": ({"epochs": 2}, "steps"),
+    "batch_size": ({"batch_size": 2}, "loss"),
+    "gradient_accumulation": ({"gradient_accumulation": 2}, "unet"),
+    "learning_rate": ({"learning_rate": 1e-2}, "unet"),
+    "lr_scheduler": ({"lr_scheduler": "linear"}, "lr"),
+    "lr_warmup_steps": ({"lr_warmup_steps": 2}, "lr", {"lr_scheduler": "constant_with_warmup"}),
+    "lr_cycles": ({"lr_cycles": 2}, "lr", {"lr_scheduler": "cosine_with_restarts", "max_steps": 4}),
+    "lr_power": ({"lr_power": 3.0}, "lr", {"lr_scheduler": "polynomial", "max_steps": 3}),
+    "train_text_encoder": ({"train_text_encoder": True, "text_encoder_lr": 1e-3}, "text_encoder"),
+    "text_encoder_lr": ({"text_encoder_lr": 1e-2}, "text_encoder", {"train_text_encoder": True, "text_encoder_lr": 1e-3}),
+    "text_encoder_stop": ({"text_encoder_stop": 0.0}, "text_encoder",
+                          {"train_text_encoder": True, "text_encoder_lr": 1e-3}),
+    "optimizer": ({"optimizer": "adafactor"}, "started"),
+    "adam_beta1": ({"adam_beta1": 0.5}, "unet"),
+    "adam_beta2": ({"adam_beta2": 0.5}, "unet"),
+    "adam_epsilon": ({"adam_epsilon": 0.5}, "unet"),
+    "weight_decay": ({"weight_decay": 0.9}, "unet"),
+    "max_grad_norm": ({"max_grad_norm": 1e-4}, "unet"),
+    "mixed_precision": ({"mixed_precision": "bf16"}, "started"),
+    "attention": ({"attention": "eager"}, "started"),
+    "gradient_checkpointing": ({"gradient_checkpointing": True}, "started"),
+    "cache_latents": ({"cache_latents": False}, "latent_cache_files"),
+    "cache_text_embeddings": ({"cache_text_embeddings": False}, "prompt_encodes"),
+    "prior_preservation": ({"prior_preservation": False}, "loss"),
+    "prior_loss_weight": ({"prior_loss_weight": 5.0}, "loss"),
+    "offset_noise": ({"offset_noise": 0.5}, "loss"),
+    "min_snr_gamma": ({"min_snr_gamma": 0.05}, "loss"),
+    "seed": ({"seed": 7}, "loss"),
+    "save_every": ({"save_every": 1}, "files"),
+    "save_format": ({"save_format": "ckpt"}, "file"),
+    "save_dtype": ({"save_dtype": "fp16"}, "dtype"),
+    "state_every": ({"state_every": 1}, "states"),
+    "keep_states": ({"keep_states": 2}, "states", {"state_every": 1}),
+    "sample_every": ({"sample_every": 1}, "sample_count"),
+    "sample_negative_prompt": ({"sample_negative_prompt": "blurry"}, "samples"),
+    "sample_guidance_scale": ({"sample_guidance_scale": 2.0}, "samples"),
+    "sample_steps": ({"sample_steps": 3}, "samples"),
+    "sample_seed": ({"sample_seed": 5}, "samples"),
+    "concepts.instance_prompt": ({"concept": {"instance_prompt": "a zwx thing"}}, "loss"),
+    "concepts.class_prompt": ({"concept": {"class_prompt": "a photo of a ball"}}, "class_images"),
+    "concepts.num_class_images": ({"concept": {"num_class_images": 2}}, "class_images"),
+    "concepts.class_negative_prompt": ({"concept": {"class_negative_prompt": "blurry"}}, "class_images"),
+    "concepts.class_guidance_scale": ({"concept": {"class_guidance_scale": 2.0}}, "class_images"),
+    "concepts.class_infer_steps": ({"concept": {"class_infer_steps": 3}}, "class_images"),
+    "concepts.class_seed": ({"concept": {"class_seed": 9}}, "class_images"),
+    "concepts.sample_prompts": ({"concept": {"sample_prompts": ["zwx disc", "a disc"]}}, "sample_count"),
+}
+# Options observed elsewhere (the test that does is named), or that select the inputs themselves.
+ELSEWHERE = {
+    "version": "test_config.py::test_old_versions_are_migrated",
+    "source_checkpoint": "test_bad_input.py (every checkpoint case)",
+    "tokenizer_dir": "test_options.py::test_tokenizer_and_config_folders_are_used",
+    "model_config_dir": "test_options.py::test_tokenizer_and_config_folders_are_used",
+    "device": "test_options.py::test_device_cuda_without_a_gpu_is_refused",
+    "concepts": "test_train.py",
+    "concepts.instance_dir": "test_bad_input.py::test_missing_and_empty_instance_folders",
+    "concepts.class_dir": "test_train.py::test_user_class_images_count_towards_the_total",
+}
+
+
+def test_every_option_is_covered():
+    names = {s.name for s in option_specs(TrainConfig)} | {f"concepts.{s.name}" for s in option_specs(Concept)}
+    assert names - set(CASES) - set(ELSEWHERE) == set()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("options")
+
+
+_BASELINES: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("option", sorted(CASES))
+def test_option_changes_what_it_should(option, make_config, work, monkeypatch, tmp_path):
+    changes, observable, *reference = CASES[option]
+    reference = reference[0] if reference else {}
+    key = repr(sorted(reference.items()))
+    if key not in _BASELINES:
+        _BASELINES[key] = observe(make_config, work, monkeypatch, **reference)
+    changes = {k: (v.replace("<tmp>", str(tmp_path)) if isinstance(v, str) else v) for k, v in changes.items()}
+    changed = observe(make_config, work, monkeypatch, **{**reference, **changes})
+    assert changed[observable] != _BASELINES[key][observable], f"{option} did not change {observable}"
+
+
+def test_tokenizer_and_config_folders_are_used(make_config, tmp_path, model_dir):
+    from dreambooth.errors import ModelFormatError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelFormatError, match="Tokenizer folder"):
+        run(make_config(tokenizer_dir=str(empty)), model_dir, Events())
+    with pytest.raises(ModelFormatError, match="model_config_dir|config folder"):
+        run(make_config(model_config_dir=""), tmp_path / "m2" / "zwx", Events())  # SD1 full-size config: no fit
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(make_config, model_dir):
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        run(make_config(device="cuda"), model_dir, Events())
