@@ -1,0 +1,102 @@
+"""Run our engine (``python -m dreambooth train``) in-process with a :class:`StepClock` on its steps.
+
+Usage (the bench builds the command): python bench/engine_run.py TIMING.json WARMUP TIMED CONFIG.json
+
+The clock wraps ``dreambooth.train.loop.add_noise`` (called once per micro-batch, outside any compiled
+region); the save is timed around ``dreambooth.engine._save``. Each mode is a set of TrainConfig values;
+values the current TrainConfig does not declare are dropped and listed in the timing file, so the bench runs
+against any version of the engine and says what it could not switch on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+from timing import StepClock
+
+COMMON = {"learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps": 0, "prior_preservation": True,
+          "prior_loss_weight": 1.0, "center_crop": True, "hflip": False, "cache_latents": True,
+          "cache_text_embeddings": True, "save_every": 0, "state_every": 0, "sample_every": 0, "save_dtype": "fp16",
+          "seed": 0, "resolution": 512}
+ENGINE_MODES = {
+    "speed-b1": {"batch_size": 1, "mixed_precision": "bf16", "speed_preset": "speed"},
+    "speed-b8": {"batch_size": 8, "mixed_precision": "bf16", "speed_preset": "speed"},
+    "speed-b16": {"batch_size": 16, "mixed_precision": "bf16", "speed_preset": "speed"},
+    "speed-b32": {"batch_size": 32, "mixed_precision": "bf16", "speed_preset": "speed"},
+    "lowmem-b1": {"batch_size": 1, "mixed_precision": "bf16", "optimizer": "adamw_8bit",
+                  "gradient_checkpointing": True, "speed_preset": "low_memory"},
+    "plain-b1": {"batch_size": 1, "mixed_precision": "bf16", "speed_preset": "off"},
+}
+
+
+def write_config(mode: str, a, model: Path, instance: Path, klass: Path, work: Path) -> tuple[Path, list[str]]:
+    """The model folder's config.json for ``mode``; returns its path and the options this engine lacks."""
+    from dreambooth.config import Concept, TrainConfig
+
+    model_dir = work / f"engine-{mode}"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    wanted = {**COMMON, **ENGINE_MODES[mode], "max_steps": a.warmup + a.steps + 1,
+              "model_name": f"bench-{mode}", "source_checkpoint": str(model),
+              "tokenizer_dir": str(Path(a.tokenizer).resolve()), "output_dir": str(model_dir / "out")}
+    dropped = sorted(k for k in wanted if k not in known)
+    config = TrainConfig(**{k: v for k, v in wanted.items() if k in known})
+    config.concepts = [Concept(instance_dir=str(instance), instance_prompt="a photo of zwx dog",
+                               class_prompt="a photo of dog", class_dir=str(klass),
+                               num_class_images=len(list(klass.glob("*.jpg"))))]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.json"
+    path.write_text(json.dumps(config.to_dict(), indent=1))
+    return path, dropped
+
+
+def engine_command(mode: str, a, model: Path, instance: Path, klass: Path, timing: Path, work: Path) -> list[str]:
+    """The command line of one engine run (writes its config first)."""
+    path, dropped = write_config(mode, a, model, instance, klass, work)
+    return [sys.executable, str(HERE / "engine_run.py"), str(timing), str(a.warmup), str(a.steps), str(path),
+            ",".join(dropped)]
+
+
+def main() -> None:
+    """Patch the clock in, then run the engine's command line."""
+    timing_path, warmup, timed, config_path, *rest = sys.argv[1:]
+    clock = StepClock(Path(timing_path), int(warmup), int(timed))
+    clock.mark("process_start", time.time())
+    from dreambooth import engine
+    from dreambooth.train import loop
+
+    add_noise = loop.add_noise
+
+    def timed_add_noise(*args, **kwargs):
+        clock.at_step()
+        return add_noise(*args, **kwargs)
+
+    loop.add_noise = timed_add_noise
+    save = engine._save
+
+    def timed_save(*args, **kwargs):
+        clock.mark("save_start")
+        result = save(*args, **kwargs)
+        clock.mark("save_end")
+        return result
+
+    engine._save = timed_save
+    from dreambooth.__main__ import main as cli
+
+    try:
+        rc = cli(["train", config_path, "--json"])
+    finally:
+        clock.write(runner="engine", ignored_options=[d for d in (rest[0].split(",") if rest else []) if d])
+    raise SystemExit(rc)
+
+
+if __name__ == "__main__":
+    main()
