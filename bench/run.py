@@ -42,6 +42,8 @@ OURS_LIKE_MODES = {
     "speed-b16": ["--batch", "16"],
     "speed-b32": ["--batch", "32"],
     "speed-b1-eager": ["--batch", "1", "--compile", "off"],
+    "speed-b1-blocks": ["--batch", "1", "--compile-scope", "blocks"],
+    "speed-b8-blocks": ["--batch", "8", "--compile-scope", "blocks"],
     "speed-b1-cudagraphs": ["--batch", "1", "--compile", "reduce-overhead"],
     "speed-b1-fp32-torchfused": ["--batch", "1", "--weights", "fp32-autocast", "--optimizer", "torch-fused"],
     "speed-b1-nchw": ["--batch", "1", "--no-channels-last"],
