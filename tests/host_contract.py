@@ -258,6 +258,8 @@ def find(name):
         return obj
     raise LookupError(name)
 
+from modules import initialize  # what webui.py does first: imports, then shared.opts/state exist
+initialize.imports()
 from modules import shared_options, shared_cmd_options
 for name, entry in pin.items():
     key = name.rsplit(".", 1)[1]
