@@ -153,12 +153,28 @@ def test_the_pin_matches_the_web_uis_source() -> None:
 @needs_webui
 def test_the_pin_matches_the_web_uis_imported_modules(tmp_path: Path) -> None:
     webui = Path(WEBUI)
-    python = os.environ.get("SD_WEBUI_PYTHON") or next(
-        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
-        sys.executable)
+    python = webui_python(webui)
     script = tmp_path / "check.py"
     script.write_text(check_import_script(webui))
     result = subprocess.run([python, str(script)], check=False, capture_output=True, text=True, timeout=300)
     line = next((x for x in result.stdout.splitlines() if x.startswith("CONTRACT ")), None)
     assert line is not None, result.stdout[-2000:] + result.stderr[-4000:]
     assert json.loads(line[len("CONTRACT "):]) == []
+
+
+def webui_python(webui: Path) -> str:
+    """``SD_WEBUI_PYTHON``, else the web UI's own venv, else this Python."""
+    return os.environ.get("SD_WEBUI_PYTHON") or next(
+        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
+        sys.executable)
+
+
+@needs_webui
+def test_inside_the_web_ui_the_host_callbacks_and_a_tiny_training_work(tmp_path: Path) -> None:
+    """The extension installed into a fresh data folder of the real web UI: preload flags, callbacks, the host's
+    checkpoint list, progress state, Interrupt, queue lock, settings, the API behind --api-auth, the tab, and a
+    tiny training whose checkpoints the web UI lists at once."""
+    script = Path(__file__).with_name("a1111_in_host.py")
+    result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
+                            check=False, capture_output=True, text=True, timeout=600)
+    assert "IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

@@ -1,0 +1,133 @@
+"""Run by a real web UI's Python (``tests/test_host_contract.py`` when ``SD_WEBUI_DIR`` is set): install the
+extension into a fresh data folder, start the web UI's modules the way webui.py does, and exercise
+``A1111Host``, the callbacks and ``preload.py`` against them. No model is loaded. Prints ``IN-HOST OK``.
+
+Usage: python a1111_in_host.py <webui dir> <this repository> <empty data dir>
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+webui, repo, data = (Path(a).resolve() for a in sys.argv[1:4])
+(data / "extensions").mkdir(parents=True)
+(data / "extensions" / "dreambooth-under-test").symlink_to(repo, target_is_directory=True)
+checkpoints = data / "models" / "Stable-diffusion"
+checkpoints.mkdir(parents=True)
+os.chdir(webui)
+sys.path.insert(0, str(webui))
+sys.argv = ["webui.py", "--data-dir", str(data), "--no-download-sd-model", "--api-auth", "alice:pw",
+            "--dreambooth-dir", str(data / "db-models")]
+
+import torch
+from safetensors.torch import save_file
+
+save_file({"w": torch.zeros(2)}, str(checkpoints / "base.safetensors"))
+
+from modules import initialize
+
+initialize.imports()
+from modules import call_queue, script_callbacks, script_loading, sd_models, shared
+
+assert shared.cmd_opts.dreambooth_dir == str(data / "db-models"), "preload.py did not add --dreambooth-dir"
+sd_models.list_models()
+
+sys.path.insert(0, str(repo))  # what the web UI does while it loads an extension's scripts/
+script_loading.load_module(str(repo / "scripts" / "dreambooth.py"))
+from dreambooth.host import a1111
+from dreambooth.host.base import Host
+
+for kind, function in [("ui_tabs", a1111.ui_tabs), ("app_started", a1111.app_started),
+                       ("ui_settings", a1111.ui_settings)]:
+    assert any(c.callback is function for c in script_callbacks.callback_map[f"callbacks_{kind}"]), kind
+
+host = a1111.A1111Host()
+assert isinstance(host, Host)
+assert host.models_dir == data / "models", host.models_dir
+assert host.checkpoint_titles() == ["base.safetensors"], host.checkpoint_titles()
+assert host.checkpoint_file("base.safetensors") == checkpoints / "base.safetensors"
+(checkpoints / "zwx").mkdir()
+save_file({"w": torch.ones(2)}, str(checkpoints / "zwx" / "zwx_2.safetensors"))
+host.refresh_checkpoints()
+assert "zwx/zwx_2.safetensors" in host.checkpoint_titles(), host.checkpoint_titles()
+
+host.job_started("DreamBooth: zwx", 10)
+assert shared.state.job == "DreamBooth: zwx" and shared.state.sampling_steps == 10
+host.job_progress(3, 10, "step 3/10")
+assert shared.state.sampling_step == 3 and shared.state.textinfo == "step 3/10"
+assert not host.interrupt_requested()
+shared.state.interrupt()  # what the Interrupt button does
+assert host.interrupt_requested()
+host.job_finished()
+assert shared.state.job == ""
+
+
+def queue_is_free() -> bool:
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call_queue.queue_lock.acquire(blocking=False)))
+    thread.start()
+    thread.join()
+    if result[0]:
+        call_queue.queue_lock.release()
+    return result[0]
+
+
+assert queue_is_free()
+host.unload_model()
+assert not queue_is_free(), "training must hold the web UI's queue"
+title = host.select_checkpoint(checkpoints / "zwx" / "zwx_2.safetensors")
+assert title == "zwx/zwx_2.safetensors" and shared.opts.sd_model_checkpoint == title
+host.reload_model()
+assert queue_is_free()
+
+a1111.ui_settings()
+assert {"dreambooth_unload_model", "dreambooth_cancel_timeout"} <= set(shared.opts.data_labels)
+supervisor = a1111.supervisor()
+assert supervisor.dreambooth_dir == data / "db-models" and supervisor.checkpoints_dir == checkpoints
+config = supervisor.create_model("zwx", "base.safetensors")
+assert config.source_checkpoint == str(checkpoints / "base.safetensors")
+
+from fastapi import FastAPI
+
+app = FastAPI()
+a1111.app_started(None, app)
+routes = [r for r in app.routes if getattr(r, "path", "").startswith("/dreambooth/v1/")]
+assert routes and all(r.dependencies for r in routes), "the API must be mounted behind --api-auth"
+
+tabs = a1111.ui_tabs()
+assert [(title, elem_id) for _, title, elem_id in tabs] == [("DreamBooth", "dreambooth")]
+
+# a real (tiny) training supervised inside the web UI: its checkpoints appear in the web UI's list at once
+import numpy as np
+from PIL import Image
+
+from dreambooth.config import TrainConfig
+from dreambooth.models.export import checkpoint_tensors, save_checkpoint
+from dreambooth.models.tiny import build_tiny_components, write_config_folder
+from dreambooth.models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
+
+tokenizer_dir = find_tokenizer_dir(None, data / "tokenizer")
+components = build_tiny_components(load_clip_tokenizer(tokenizer_dir), seed=0)
+config_dir = write_config_folder(components, data / "tiny-config")
+save_checkpoint(checkpoints / "tiny.safetensors", checkpoint_tensors(components))
+photos = data / "photos"
+photos.mkdir()
+for i in range(3):
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+host.refresh_checkpoints()
+config = supervisor.create_model("tiny-zwx", "tiny.safetensors")
+config = TrainConfig.from_dict({**config.to_dict(), "model_config_dir": str(config_dir),
+                                "tokenizer_dir": str(tokenizer_dir), "resolution": 64, "max_steps": 4,
+                                "save_every": 2, "device": "cpu", "save_dtype": "fp32", "prior_preservation": False,
+                                "concepts": [{"instance_dir": str(photos), "instance_prompt": "photo of zwx disc"}]})
+supervisor.start(config)
+assert not queue_is_free() and supervisor.running_model() == "tiny-zwx"
+assert supervisor.wait(300)
+status = supervisor.status()
+assert status.finished and status.error is None, status
+assert {"tiny-zwx/tiny-zwx_2.safetensors", "tiny-zwx/tiny-zwx_4.safetensors"} <= set(host.checkpoint_titles())
+assert queue_is_free() and shared.state.job == ""
+print("IN-HOST OK")
