@@ -7,6 +7,7 @@ what to do, then propagate.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .data.cache import ImageLatents, PromptEmbeddings
 from .data.class_images import class_image_folder, existing_class_images, generate_class_images
 from .data.dataset import Example, class_examples, instance_examples
 from .data.images import check_images
-from .errors import Cancelled, ConfigError, DatasetError, DreamBoothError, OutOfMemoryAdvice
+from .errors import Cancelled, ConfigError, DatasetError, DiskFullError, DreamBoothError, OutOfMemoryAdvice
 from .events import Events
 from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_checkpoint
 from .models.load import LoadedModel, load_model
@@ -59,6 +60,13 @@ def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
             "or the resolution, and close other programs that use the GPU.")
         events.emit("error", kind="OutOfMemoryAdvice", message=advice.message, advice=advice.advice)
         raise advice from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = DiskFullError(f"The disk is full: {exc.filename or model_dir} could not be written.",
+                             "Free some space and train again; it resumes from its last resume point.")
+        events.emit("error", kind="DiskFullError", message=full.message, advice=full.advice)
+        raise full from exc
     finally:
         (model_dir / CANCEL_FILE).unlink(missing_ok=True)
 

@@ -133,3 +133,44 @@ def test_an_8x8_photo_is_rejected_with_the_minimum(make_config, model_dir, event
     Image.new("RGB", (8, 8), "red").save(instance_dir / "tiny.png")
     with pytest.raises(DatasetError, match=r"tiny\.png.*8x8.*64"):
         run(make_config(), model_dir, events)
+
+
+def test_a_full_disk_while_saving_leaves_no_partial_file_and_says_what_to_do(make_config, model_dir, events,
+                                                                           monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from dreambooth.errors import DiskFullError
+
+    real_save = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if "checkpoints" not in str(filename):
+            return real_save(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 1000)  # half a file, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(DiskFullError) as error:
+        run(make_config(max_steps=2, save_every=1), model_dir, events)
+    assert "zwx_1.safetensors" in str(error.value) and "Free some space" in error.value.advice
+    assert _error_event(events)["kind"] == "DiskFullError"
+    assert list((model_dir / "checkpoints").iterdir()) == []
+
+
+def test_out_of_memory_becomes_advice(make_config, model_dir, events, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.errors import OutOfMemoryAdvice
+
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", oom)
+    with pytest.raises(OutOfMemoryAdvice):
+        run(make_config(max_steps=1), model_dir, events)
+    error = _error_event(events)
+    assert error["kind"] == "OutOfMemoryAdvice" and "gradient checkpointing" in error["advice"]
+    assert not (model_dir / "checkpoints").exists()

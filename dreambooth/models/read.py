@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +44,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise _not_a_checkpoint(path, exc) from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():
+            raise _not_a_checkpoint(path, exc) from None
         data = _load_with_stubs(path)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # torch.load raises anything from IndexError to RuntimeError on a non-checkpoint
         raise _not_a_checkpoint(path, exc) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
@@ -89,9 +90,13 @@ class _StubbingPickleModule:
 def _load_with_stubs(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_StubbingPickleModule)
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:
+        if "refusing to load" not in str(exc):
+            raise _not_a_checkpoint(path, exc) from None
         raise ModelFormatError(f"{path} holds code that is not a model's weights ({exc}).",
                                "Use a .safetensors version of this checkpoint.") from None
+    except Exception as exc:
+        raise _not_a_checkpoint(path, exc) from None
 
 
 def detect_family(keys: list[str], path: Path) -> str:

@@ -1,0 +1,76 @@
+"""``python -m dreambooth`` as a user runs it: train with JSON events, convert both ways."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dreambooth.config import save_config
+from dreambooth.models.read import read_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dreambooth", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_train_prints_json_events_and_logs_them(make_config, model_dir):
+    save_config(make_config(max_steps=2, save_every=1), model_dir / "config.json")
+    done = _cli("train", model_dir / "config.json", "--json")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "status" and kinds[-1] == "finished"
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    saved = [e["path"] for e in events if e["event"] == "checkpoint_saved"]
+    assert [Path(p).name for p in saved] == ["zwx_1.safetensors", "zwx_2.safetensors"]
+    assert all(Path(p).is_file() for p in saved)
+    logged = (model_dir / "logs" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in logged] == kinds
+    step = next(e for e in events if e["event"] == "step")
+    assert {"loss", "lr", "it_per_s", "eta_s", "memory_mb", "total"} <= step.keys()
+
+
+def test_train_exits_1_with_an_error_event_naming_the_problem(make_config, model_dir, tmp_path):
+    bogus = tmp_path / "notes.ckpt"
+    bogus.write_text("shopping list")
+    save_config(make_config(source_checkpoint=str(bogus)), model_dir / "config.json")
+    done = _cli("train", model_dir / "config.json", "--json")
+    assert done.returncode == 1
+    error = json.loads(done.stdout.splitlines()[-1])
+    assert error["event"] == "error" and "notes.ckpt" in error["message"] and error["advice"]
+    assert not list(model_dir.rglob("*.safetensors"))
+
+
+def test_a_bad_config_file_is_reported_on_stderr(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_name": "x", "learning_rate": "high"}))
+    done = _cli("train", path)
+    assert done.returncode == 1 and "'learning_rate' must be a number" in done.stderr
+
+
+def test_convert_single_file_to_diffusers_and_back(tmp_path, tiny):
+    folder = tmp_path / "diffusers"
+    done = _cli("convert", tiny.path, folder, "--config-dir", tiny.config_dir)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file()
+    back = tmp_path / "back.safetensors"
+    done = _cli("convert", folder, back, "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr
+    source, again = read_tensors(tiny.path), read_tensors(back)
+    model_keys = {k for k in source if k.startswith(("model.", "first_stage_model.", "cond_stage_model."))}
+    assert set(again) == model_keys
+    assert all(torch.equal(again[k], source[k]) for k in model_keys)
+
+
+def test_convert_refuses_to_overwrite(tmp_path, tiny):
+    existing = tmp_path / "x.safetensors"
+    existing.write_bytes(b"keep me")
+    done = _cli("convert", tiny.path.parent, existing)
+    assert done.returncode == 1 and existing.read_bytes() == b"keep me"
