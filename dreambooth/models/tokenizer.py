@@ -46,18 +46,12 @@ def find_tokenizer_dir(user_dir: str | os.PathLike[str] | None, cache_dir: Path)
 
 
 def load_clip_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
-    """The transformers tokenizer from a folder found by :func:`find_tokenizer_dir`."""
+    """The transformers tokenizer from a folder found by :func:`find_tokenizer_dir` (transformers 4 and 5)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
+    return CLIPTokenizer.from_pretrained(
+        str(folder), local_files_only=True, model_max_length=77, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def open_clip_vocabulary() -> Path | None:
