@@ -12,6 +12,7 @@ seconds is terminated.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import json
@@ -109,6 +110,7 @@ class Supervisor:
         self._done = threading.Event()
         self._done.set()
         self._output_tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+        atexit.register(self.shutdown)
 
     # ---- model folders -------------------------------------------------------------------------------------
 
@@ -235,6 +237,16 @@ class Supervisor:
                 self._status.warnings.append(f"Could not write the cancel request ({exc}); stopping the process.")
             self._terminate()
 
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """When the web UI exits: ask a running child to stop (it keeps what it saved) and wait a little for it.
+
+        The child's stdin is a pipe that nothing writes to; it reaches end-of-file when this process is gone,
+        however it ended, so an engine that watches its stdin can stop by itself too."""
+        if self.running_model() is not None:
+            self.cancel()
+            if not self.wait(timeout):
+                self._terminate()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run (and its clean-up) has ended; False on timeout."""
         return self._done.wait(timeout)
@@ -248,7 +260,7 @@ class Supervisor:
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "child-stderr.log", "w", encoding="utf-8") as stderr:
             return subprocess.Popen([*self.launcher, "train", str(config_path), "--json"], cwd=str(REPO_ROOT), env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                     text=True, encoding="utf-8", errors="replace", bufsize=1)
 
     def _read_events(self) -> None:
@@ -378,6 +390,9 @@ class Supervisor:
             self._host_call("refresh the checkpoint list", self.host.refresh_checkpoints)
             self._host_call("reload the web UI's model", self.host.reload_model)
         finally:
+            process = self._process
+            if process is not None and process.stdin is not None:
+                process.stdin.close()
             with self._lock:
                 self._status.running = False
                 self._busy_model = None

@@ -139,6 +139,16 @@ def test_a_child_that_ignores_the_request_is_terminated_after_the_timeout(setup,
     assert status.step < 2000
 
 
+def test_shutdown_of_the_web_ui_cancels_a_running_training(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor, _, _ = setup
+    monkeypatch.setenv("FAKE_ENGINE_DELAY", "0.05")
+    supervisor.start(trainable(supervisor, steps=400))
+    _wait_for(lambda: supervisor.status().step >= 1)
+    supervisor.shutdown(timeout=20)
+    status = supervisor.status()
+    assert not status.running and status.cancelled and status.step < 400
+
+
 def test_an_error_event_becomes_the_status_error(setup, monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, host, _ = setup
     monkeypatch.setenv("FAKE_ENGINE_MODE", "error")
