@@ -227,6 +227,18 @@ def test_the_real_engine_trains_a_tiny_model_and_cancels_cleanly(tmp_path: Path,
     assert not list(models.rglob("*.partial")) and not (models / "dreambooth" / "long" / "cancel.request").exists()
 
 
+def test_the_real_engines_error_reaches_the_status(tmp_path: Path, make_config) -> None:
+    models = tmp_path / "web-ui" / "models"
+    host = RecordingHost(models)
+    supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion", poll_interval=0.05)
+    (tmp_path / "empty").mkdir()
+    supervisor.start(make_config(concept={"instance_dir": str(tmp_path / "empty")}, prior_preservation=False))
+    assert supervisor.wait(300)
+    status = supervisor.status()
+    assert status.error and str(tmp_path / "empty") in status.error and not status.finished, status
+    assert host.names()[-1] == "reload_model" and supervisor.running_model() is None
+
+
 def _wait_for(condition, timeout: float = 20.0) -> None:
     import time
 
