@@ -65,6 +65,8 @@ def load_model(source: str | Path, working_dir: Path, cache_dir: Path, tokenizer
         raise ModelFormatError(f"{source} is neither a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) "
                                "nor a diffusers folder.", "Pick a .safetensors or .ckpt file.")
     loaded.source_id = source_id
+    for model in (loaded.components.unet, loaded.components.vae, loaded.components.text_encoder):
+        model.to(torch.float32)  # fp16 files still train with fp32 master weights
     _save_working(loaded, working_dir)
     return loaded
 
