@@ -167,6 +167,15 @@ def test_too_small_image_names_the_minimum(tmp_path: Path) -> None:
     assert load_image(tiny, 8).size == (8, 8)
 
 
+def test_very_long_narrow_image_is_refused_when_reduction_would_make_it_too_thin(tmp_path: Path) -> None:
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (20000, 100), (5, 5, 5)).save(strip)  # reduced by 5 to fit 4096: 4000x20
+    with pytest.raises(DatasetError, match="too long and narrow") as err:
+        load_image(strip, 64)
+    assert str(strip) in err.value.message and "20000x100 pixels" in err.value.message
+    assert load_image(strip, 16).size == (4000, 20)
+
+
 def test_absurdly_large_image_is_refused_before_decoding(tmp_path: Path) -> None:
     # A valid PNG header announcing 40000 x 30000 pixels (1.2 gigapixels) with almost no data behind it.
     header = struct.pack(">IIBBBBB", 40000, 30000, 8, 2, 0, 0, 0)

@@ -71,6 +71,7 @@ _SIGNATURES = (
     (b"PK\x03\x04", "a ZIP archive"),
 )
 _RESAVE = "Open it in an image editor and save it again, or remove it from the folder."
+_RECOPY = "Copy it again from where it came from, or open it in an image editor and save it again, or remove it."
 
 
 class _Unusable(Exception):
@@ -202,6 +203,10 @@ def _load(path: Path, min_side: int) -> Image.Image:
         _decode(image)
         orientation = _orientation(image)
         picture = _flatten(_shrink(_working_mode(image)))  # often ``image`` itself: decoded, needs no file
+        if min(picture.size) < min_side:  # only a very long, narrow picture gets here, after shrinking
+            raise _Unusable(f"is {image.width}x{image.height} pixels, too long and narrow: reduced to "
+                            f"{MAX_DECODE_SIDE} pixels on the long side, its shorter side is below {min_side} pixels",
+                            "Crop it to a less elongated shape, or remove it from the folder.")
     if orientation in _ORIENTATIONS:
         picture = picture.transpose(_ORIENTATIONS[orientation])
     return picture
@@ -296,7 +301,7 @@ def _decode(image: ImageFile.ImageFile) -> None:
         image.load()
     except _DECODE_ERRORS as exc:
         raise _Unusable(f"is damaged or cut off: the {image.format} data cannot be decoded ({exc})",
-                        "Copy it again from where it came from, or " + _RESAVE[0].lower() + _RESAVE[1:]) from None
+                        _RECOPY) from None
 
 
 def _orientation(image: Image.Image) -> int:
