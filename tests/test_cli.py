@@ -74,3 +74,19 @@ def test_convert_refuses_to_overwrite(tmp_path, tiny):
     existing.write_bytes(b"keep me")
     done = _cli("convert", tiny.path.parent, existing)
     assert done.returncode == 1 and existing.read_bytes() == b"keep me"
+
+
+def test_terminal_progress_shows_step_loss_speed_and_eta():
+    import io
+
+    from dreambooth.events import TerminalProgress
+
+    out = io.StringIO()
+    show = TerminalProgress(out)
+    show({"event": "started", "model": "zwx", "total_steps": 10, "resumed_from": 0})
+    show({"event": "step", "step": 3, "total": 10, "loss": 0.1234, "it_per_s": 2.5, "eta_s": 2.8})
+    show({"event": "checkpoint_saved", "path": "out/zwx_3.safetensors", "step": 3})
+    text = out.getvalue()
+    assert "training zwx: 10 steps" in text
+    assert "3/10 loss 0.1234 2.50 it/s ETA 0:02" in text
+    assert "\nsaved out/zwx_3.safetensors\n" in text

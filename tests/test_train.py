@@ -104,3 +104,18 @@ def test_a_cancel_keeps_saved_checkpoints_and_writes_no_partial_file(make_config
     assert sorted(p.name for p in out.iterdir()) == ["zwx_2.safetensors"]
     assert not list(model_dir.rglob("*.partial"))
     assert not (model_dir / CANCEL_FILE).exists()
+
+
+def test_a_diffusers_folder_trains_like_its_single_file(make_config, tmp_path, tiny):
+    from dreambooth.models.load import load_model
+    from dreambooth.sample import inference_pipeline
+
+    folder = tmp_path / "diffusers"
+    loaded = load_model(tiny.path, tmp_path / "w", tmp_path / "c", config_dir=str(tiny.config_dir))
+    inference_pipeline(loaded.components).save_pretrained(str(folder))
+    from_file = run(make_config(max_steps=2), tmp_path / "a" / "zwx", Events())
+    from_folder = run(make_config(max_steps=2, source_checkpoint=str(folder)), tmp_path / "b" / "zwx", Events())
+    assert from_folder.losses == from_file.losses
+    a, b = read_tensors(from_file.checkpoints[-1]), read_tensors(from_folder.checkpoints[-1])
+    model_keys = set(b)  # a folder has no noise-schedule buffers to carry over
+    assert model_keys <= set(a) and all(torch.equal(a[k], b[k]) for k in model_keys)
