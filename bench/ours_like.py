@@ -33,6 +33,7 @@ from dreambooth.train.speed.flat import FlatParameters
 from dreambooth.train.speed.layout import (
     compile_blocks,
     compile_module,
+    graph_denoiser,
     to_channels_last,
 )
 from dreambooth.train.speed.scalars import DeviceScalars
@@ -85,7 +86,9 @@ def main() -> None:
     ap.add_argument("--weights", choices=["bf16", "fp32-autocast"], default="bf16")
     ap.add_argument("--fused-backward", action="store_true")
     ap.add_argument("--checkpointing", action="store_true")
-    ap.add_argument("--compile", default="default", help="torch.compile mode, or 'off'")
+    ap.add_argument("--compile", default="off", help="torch.compile mode of the UNet ('default', ...), or 'off'")
+    ap.add_argument("--optim-compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--graph", action="store_true", help="CUDA-graph the UNet forward+backward")
     ap.add_argument("--compile-scope", choices=["full", "blocks"], default="full")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--clip", type=float, default=1.0)
@@ -138,7 +141,7 @@ def main() -> None:
             state = torch.bfloat16 if args.state_dtype == "bf16" else torch.float32
             optimizer = FlatAdamW(flat, lr=args.lr, weight_decay=1e-2, state_dtype=state,
                                   max_grad_norm=None if args.fused_backward else args.clip,
-                                  compile=args.compile != "off")
+                                  compile=args.optim_compile)
         stepper = BackwardStep(flat, optimizer) if args.fused_backward else None
     mode = None if args.compile == "default" else args.compile
     model = unet
@@ -156,6 +159,18 @@ def main() -> None:
     losses = DeviceScalars()
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.weights != "bf16")
 
+    def denoise(x, t, c):
+        return model(x, t, c, return_dict=False)[0]
+
+    if args.graph:
+        shape = (2 * b, 4, mean_i.shape[-2], mean_i.shape[-1])
+        x0 = torch.randn(shape, device=device, dtype=weight_dtype).contiguous(memory_format=memory_format)
+        t0 = torch.randint(0, 1000, (2 * b,), device=device)
+        started = time.time()
+        denoise = graph_denoiser(unet, x0, t0, cond)
+        clock.mark("graph_s", time.time() - started)
+        print(f"captured CUDA graphs in {clock.marks['graph_s']:.1f} s", flush=True)
+
     for step in range(args.warmup + args.steps + 1):
         clock.at_step()
         if step in (1, 2):
@@ -170,7 +185,7 @@ def main() -> None:
         noisy = sqrt_a[t].view(-1, 1, 1, 1) * latents + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
         noisy = noisy.to(weight_dtype).contiguous(memory_format=memory_format)
         with autocast:
-            pred = model(noisy, t, cond, return_dict=False)[0].float()
+            pred = denoise(noisy, t, cond).float()
         loss = F.mse_loss(pred[:b], noise[:b]) + F.mse_loss(pred[b:], noise[b:])
         loss.backward()
         if stepper is not None:

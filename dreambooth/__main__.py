@@ -11,7 +11,9 @@ from .errors import DreamBoothError
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run one command; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m dreambooth", description="DreamBooth training for Stable Diffusion 1.x.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dreambooth", description="DreamBooth training for Stable Diffusion 1.x."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train the model whose config.json is given (its folder is the model folder)")
@@ -62,7 +64,9 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     model_dir = args.config.resolve().parent
     json_out = args.json or not sys.stdout.isatty()
-    listener = TerminalProgress(sys.stderr if json_out else sys.stdout) if (not json_out or sys.stderr.isatty()) else None
+    listener = (
+        TerminalProgress(sys.stderr if json_out else sys.stdout) if (not json_out or sys.stderr.isatty()) else None
+    )
     events = Events(model_dir / "logs" / "events.jsonl", sys.stdout if json_out else None, listener)
     try:
         run(config, model_dir, events)
@@ -76,10 +80,16 @@ def _train(args: argparse.Namespace) -> int:
 def _new(args: argparse.Namespace) -> int:
     from .config import Concept, TrainConfig, check_model_name, save_config
 
-    config = TrainConfig(model_name=check_model_name(args.model_dir.name), source_checkpoint=str(args.source),
-                         concepts=[Concept(instance_dir=args.instance_dir, instance_prompt=args.instance_prompt,
-                                           class_prompt=args.class_prompt)],
-                         prior_preservation=bool(args.class_prompt))
+    config = TrainConfig(
+        model_name=check_model_name(args.model_dir.name),
+        source_checkpoint=str(args.source),
+        concepts=[
+            Concept(
+                instance_dir=args.instance_dir, instance_prompt=args.instance_prompt, class_prompt=args.class_prompt
+            )
+        ],
+        prior_preservation=bool(args.class_prompt),
+    )
     if args.steps:
         config.max_steps = args.steps
     path = args.model_dir / "config.json"

@@ -11,9 +11,10 @@ import json
 import os
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError
 
@@ -45,151 +46,411 @@ def option(
 class Concept:
     """One subject to learn: its photos and prompts, and the class images that keep the class intact."""
 
-    instance_dir: str = option("", label="Instance images folder", group="Concept",
-                               help="Folder with 5-30 photos of the subject (jpg, png, webp, bmp).")
-    instance_prompt: str = option("", label="Instance prompt", group="Concept",
-                                  help="Prompt naming the subject with a rare token, e.g. 'photo of zwx person'. "
-                                       "'[filewords]' is replaced by each image's caption (.txt beside it, or its file name).")
-    class_prompt: str = option("", label="Class prompt", group="Concept",
-                               help="Prompt for the subject's class without the token, e.g. 'photo of a person'.")
-    class_dir: str = option("", label="Class images folder", group="Concept",
-                            help="Optional folder of your own class images; missing ones are generated with the base model.")
-    num_class_images: int = option(50, label="Class images", group="Concept", minimum=0, maximum=10000,
-                                   help="How many class images prior preservation uses; only the missing ones are generated.")
-    class_negative_prompt: str = option("", label="Class negative prompt", group="Concept",
-                                        help="Negative prompt used when generating class images.")
-    class_guidance_scale: float = option(7.5, label="Class CFG scale", group="Concept", minimum=1.0, maximum=30.0,
-                                         help="Classifier-free guidance scale for class-image generation.")
-    class_infer_steps: int = option(30, label="Class generation steps", group="Concept", minimum=1, maximum=200,
-                                    help="Denoising steps for each generated class image.")
-    class_seed: int = option(0, label="Class generation seed", group="Concept", minimum=0, maximum=2**32 - 1,
-                             help="Seed of the first generated class image; the n-th uses seed + n.")
-    sample_prompts: list[str] = option([], label="Sample prompts", group="Concept",
-                                       help="Prompts rendered as previews every 'Sample every N steps'.")
+    instance_dir: str = option(
+        "",
+        label="Instance images folder",
+        group="Concept",
+        help="Folder with 5-30 photos of the subject (jpg, png, webp, bmp).",
+    )
+    instance_prompt: str = option(
+        "",
+        label="Instance prompt",
+        group="Concept",
+        help="Prompt naming the subject with a rare token, e.g. 'photo of zwx person'. "
+        "'[filewords]' is replaced by each image's caption (.txt beside it, or its file name).",
+    )
+    class_prompt: str = option(
+        "",
+        label="Class prompt",
+        group="Concept",
+        help="Prompt for the subject's class without the token, e.g. 'photo of a person'.",
+    )
+    class_dir: str = option(
+        "",
+        label="Class images folder",
+        group="Concept",
+        help="Optional folder of your own class images; missing ones are generated with the base model.",
+    )
+    num_class_images: int = option(
+        50,
+        label="Class images",
+        group="Concept",
+        minimum=0,
+        maximum=10000,
+        help="How many class images prior preservation uses; only the missing ones are generated.",
+    )
+    class_negative_prompt: str = option(
+        "", label="Class negative prompt", group="Concept", help="Negative prompt used when generating class images."
+    )
+    class_guidance_scale: float = option(
+        7.5,
+        label="Class CFG scale",
+        group="Concept",
+        minimum=1.0,
+        maximum=30.0,
+        help="Classifier-free guidance scale for class-image generation.",
+    )
+    class_infer_steps: int = option(
+        30,
+        label="Class generation steps",
+        group="Concept",
+        minimum=1,
+        maximum=200,
+        help="Denoising steps for each generated class image.",
+    )
+    class_seed: int = option(
+        0,
+        label="Class generation seed",
+        group="Concept",
+        minimum=0,
+        maximum=2**32 - 1,
+        help="Seed of the first generated class image; the n-th uses seed + n.",
+    )
+    sample_prompts: list[str] = option(
+        [], label="Sample prompts", group="Concept", help="Prompts rendered as previews every 'Sample every N steps'."
+    )
 
 
 @dataclass
 class TrainConfig:
     """Everything one training run needs; the only settings file is this, as JSON."""
 
-    version: int = option(CONFIG_VERSION, label="Config version", group="Model", minimum=1, maximum=CONFIG_VERSION,
-                          help="Schema version of this file; older files are migrated when loaded.")
-    model_name: str = option("", label="Model name", group="Model",
-                             help="Name of the model's folder and of the saved checkpoints: letters, digits, '.', '_', '-'.")
-    source_checkpoint: str = option("", label="Source checkpoint", group="Model",
-                                    help="Stable Diffusion 1.x single file (.safetensors/.ckpt) or diffusers folder to start from.")
-    tokenizer_dir: str = option("", label="Tokenizer folder", group="Model",
-                                help="Optional folder with the CLIP tokenizer (vocab.json, merges.txt); "
-                                     "otherwise the Hugging Face cache or open_clip's vocabulary is used.")
-    model_config_dir: str = option("", label="Model config folder", group="Model",
-                                   help="Optional diffusers config folder (model_index.json, unet/, vae/, text_encoder/, "
-                                        "scheduler/) for single files of an unusual shape; by default the family's own is used.")
-    output_dir: str = option("", label="Output folder", group="Model",
-                             help="Where checkpoints are written; empty means '<model folder>/checkpoints'.")
+    version: int = option(
+        CONFIG_VERSION,
+        label="Config version",
+        group="Model",
+        minimum=1,
+        maximum=CONFIG_VERSION,
+        help="Schema version of this file; older files are migrated when loaded.",
+    )
+    model_name: str = option(
+        "",
+        label="Model name",
+        group="Model",
+        help="Name of the model's folder and of the saved checkpoints: letters, digits, '.', '_', '-'.",
+    )
+    source_checkpoint: str = option(
+        "",
+        label="Source checkpoint",
+        group="Model",
+        help="Stable Diffusion 1.x single file (.safetensors/.ckpt) or diffusers folder to start from.",
+    )
+    tokenizer_dir: str = option(
+        "",
+        label="Tokenizer folder",
+        group="Model",
+        help="Optional folder with the CLIP tokenizer (vocab.json, merges.txt); "
+        "otherwise the Hugging Face cache or open_clip's vocabulary is used.",
+    )
+    model_config_dir: str = option(
+        "",
+        label="Model config folder",
+        group="Model",
+        help="Optional diffusers config folder (model_index.json, unet/, vae/, text_encoder/, "
+        "scheduler/) for single files of an unusual shape; by default the family's own is used.",
+    )
+    output_dir: str = option(
+        "",
+        label="Output folder",
+        group="Model",
+        help="Where checkpoints are written; empty means '<model folder>/checkpoints'.",
+    )
     concepts: list[Concept] = option([], label="Concepts", group="Concept", help="The subjects to learn.")
 
-    resolution: int = option(512, label="Resolution", group="Images", minimum=64, maximum=2048,
-                             help="Training size in pixels (square, a multiple of 8).")
-    center_crop: bool = option(True, label="Centre crop", group="Images",
-                               help="Crop the centre of each image; off crops a random square each time.")
-    hflip: bool = option(False, label="Horizontal flip", group="Images",
-                         help="Mirror each image at random (never use for asymmetric subjects or text).")
+    resolution: int = option(
+        512,
+        label="Resolution",
+        group="Images",
+        minimum=64,
+        maximum=2048,
+        help="Training size in pixels (square, a multiple of 8).",
+    )
+    center_crop: bool = option(
+        True,
+        label="Centre crop",
+        group="Images",
+        help="Crop the centre of each image; off crops a random square each time.",
+    )
+    hflip: bool = option(
+        False,
+        label="Horizontal flip",
+        group="Images",
+        help="Mirror each image at random (never use for asymmetric subjects or text).",
+    )
 
-    max_steps: int = option(1000, label="Training steps", group="Schedule", minimum=1, maximum=1_000_000,
-                            help="Optimizer steps to train; ignored when 'Epochs' is above 0.")
-    epochs: int = option(0, label="Epochs", group="Schedule", minimum=0, maximum=100_000,
-                         help="Train this many passes over the instance images instead of a step count (0: use steps).")
-    batch_size: int = option(1, label="Batch size", group="Schedule", minimum=1, maximum=256,
-                             help="Instance images per step (each paired with one class image when prior preservation is on).")
-    gradient_accumulation: int = option(1, label="Gradient accumulation", group="Schedule", minimum=1, maximum=1024,
-                                        help="Batches summed into one optimizer step.")
-    learning_rate: float = option(2e-6, label="UNet learning rate", group="Schedule", minimum=0.0, maximum=1.0,
-                                  help="Peak learning rate of the UNet.")
-    lr_scheduler: str = option("constant", label="LR schedule", group="Schedule",
-                               choices=("constant", "constant_with_warmup", "linear", "cosine",
-                                        "cosine_with_restarts", "polynomial"),
-                               help="How the learning rate changes over the run.")
-    lr_warmup_steps: int = option(0, label="Warm-up steps", group="Schedule", minimum=0, maximum=1_000_000,
-                                  help="Steps over which the learning rate ramps up from 0.")
-    lr_cycles: int = option(1, label="LR cycles", group="Schedule", minimum=1, maximum=1000,
-                            help="Restarts of 'cosine_with_restarts'.")
-    lr_power: float = option(1.0, label="LR power", group="Schedule", minimum=0.1, maximum=10.0,
-                             help="Power of the 'polynomial' schedule.")
+    max_steps: int = option(
+        1000,
+        label="Training steps",
+        group="Schedule",
+        minimum=1,
+        maximum=1_000_000,
+        help="Optimizer steps to train; ignored when 'Epochs' is above 0.",
+    )
+    epochs: int = option(
+        0,
+        label="Epochs",
+        group="Schedule",
+        minimum=0,
+        maximum=100_000,
+        help="Train this many passes over the instance images instead of a step count (0: use steps).",
+    )
+    batch_size: int = option(
+        1,
+        label="Batch size",
+        group="Schedule",
+        minimum=1,
+        maximum=256,
+        help="Instance images per step (each paired with one class image when prior preservation is on).",
+    )
+    gradient_accumulation: int = option(
+        1,
+        label="Gradient accumulation",
+        group="Schedule",
+        minimum=1,
+        maximum=1024,
+        help="Batches summed into one optimizer step.",
+    )
+    learning_rate: float = option(
+        2e-6,
+        label="UNet learning rate",
+        group="Schedule",
+        minimum=0.0,
+        maximum=1.0,
+        help="Peak learning rate of the UNet.",
+    )
+    lr_scheduler: str = option(
+        "constant",
+        label="LR schedule",
+        group="Schedule",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+        help="How the learning rate changes over the run.",
+    )
+    lr_warmup_steps: int = option(
+        0,
+        label="Warm-up steps",
+        group="Schedule",
+        minimum=0,
+        maximum=1_000_000,
+        help="Steps over which the learning rate ramps up from 0.",
+    )
+    lr_cycles: int = option(
+        1, label="LR cycles", group="Schedule", minimum=1, maximum=1000, help="Restarts of 'cosine_with_restarts'."
+    )
+    lr_power: float = option(
+        1.0, label="LR power", group="Schedule", minimum=0.1, maximum=10.0, help="Power of the 'polynomial' schedule."
+    )
 
-    train_text_encoder: bool = option(False, label="Train text encoder", group="Text encoder",
-                                      help="Also fine-tune the CLIP text encoder (better likeness, more memory).")
-    text_encoder_lr: float = option(1e-6, label="Text encoder learning rate", group="Text encoder",
-                                    minimum=0.0, maximum=1.0, help="Peak learning rate of the text encoder.")
-    text_encoder_stop: float = option(1.0, label="Stop text encoder at", group="Text encoder", minimum=0.0, maximum=1.0,
-                                      help="Fraction of the run after which the text encoder is frozen.")
+    train_text_encoder: bool = option(
+        False,
+        label="Train text encoder",
+        group="Text encoder",
+        help="Also fine-tune the CLIP text encoder (better likeness, more memory).",
+    )
+    text_encoder_lr: float = option(
+        1e-6,
+        label="Text encoder learning rate",
+        group="Text encoder",
+        minimum=0.0,
+        maximum=1.0,
+        help="Peak learning rate of the text encoder.",
+    )
+    text_encoder_stop: float = option(
+        1.0,
+        label="Stop text encoder at",
+        group="Text encoder",
+        minimum=0.0,
+        maximum=1.0,
+        help="Fraction of the run after which the text encoder is frozen.",
+    )
 
-    optimizer: str = option("adamw", label="Optimizer", group="Optimizer",
-                            choices=("adamw", "adamw_8bit", "adafactor"),
-                            help="AdamW; AdamW 8-bit (bitsandbytes, CUDA) keeps its state in 8 bits; "
-                                 "Adafactor keeps factored second moments.")
-    adam_beta1: float = option(0.9, label="Adam beta1", group="Optimizer", minimum=0.0, maximum=0.9999,
-                               help="First-moment decay (AdamW variants).")
-    adam_beta2: float = option(0.999, label="Adam beta2", group="Optimizer", minimum=0.0, maximum=0.99999,
-                               help="Second-moment decay (AdamW variants).")
-    adam_epsilon: float = option(1e-8, label="Adam epsilon", group="Optimizer", minimum=0.0, maximum=1.0,
-                                 help="Denominator term (AdamW variants).")
-    weight_decay: float = option(1e-2, label="Weight decay", group="Optimizer", minimum=0.0, maximum=1.0,
-                                 help="Decoupled weight decay.")
-    max_grad_norm: float = option(1.0, label="Gradient clip", group="Optimizer", minimum=0.0, maximum=1000.0,
-                                  help="Clip the gradient norm to this value (0: no clipping).")
+    optimizer: str = option(
+        "adamw",
+        label="Optimizer",
+        group="Optimizer",
+        choices=("adamw", "adamw_8bit", "adafactor"),
+        help="AdamW; AdamW 8-bit (bitsandbytes, CUDA) keeps its state in 8 bits; "
+        "Adafactor keeps factored second moments.",
+    )
+    adam_beta1: float = option(
+        0.9,
+        label="Adam beta1",
+        group="Optimizer",
+        minimum=0.0,
+        maximum=0.9999,
+        help="First-moment decay (AdamW variants).",
+    )
+    adam_beta2: float = option(
+        0.999,
+        label="Adam beta2",
+        group="Optimizer",
+        minimum=0.0,
+        maximum=0.99999,
+        help="Second-moment decay (AdamW variants).",
+    )
+    adam_epsilon: float = option(
+        1e-8,
+        label="Adam epsilon",
+        group="Optimizer",
+        minimum=0.0,
+        maximum=1.0,
+        help="Denominator term (AdamW variants).",
+    )
+    weight_decay: float = option(
+        1e-2, label="Weight decay", group="Optimizer", minimum=0.0, maximum=1.0, help="Decoupled weight decay."
+    )
+    max_grad_norm: float = option(
+        1.0,
+        label="Gradient clip",
+        group="Optimizer",
+        minimum=0.0,
+        maximum=1000.0,
+        help="Clip the gradient norm to this value (0: no clipping).",
+    )
 
-    mixed_precision: str = option("auto", label="Mixed precision", group="Memory and speed",
-                                  choices=("auto", "no", "fp16", "bf16"),
-                                  help="Compute in 16 bits; 'auto' picks bf16 where the GPU has it, else fp16, "
-                                       "and full precision on the CPU.")
-    attention: str = option("sdpa", label="Attention", group="Memory and speed",
-                            choices=("sdpa", "xformers", "eager"),
-                            help="PyTorch's scaled-dot-product attention, xformers (when installed) or the plain kernel.")
-    gradient_checkpointing: bool = option(False, label="Gradient checkpointing", group="Memory and speed",
-                                          help="Recompute activations in the backward pass: much less memory, ~25% slower.")
-    cache_latents: bool = option(True, label="Cache latents", group="Memory and speed",
-                                 help="Encode every image once with the VAE (both flips), then free the VAE from the GPU.")
-    cache_text_embeddings: bool = option(True, label="Cache text embeddings", group="Memory and speed",
-                                         help="Encode each prompt once (only while the text encoder is frozen).")
-    device: str = option("auto", label="Device", group="Memory and speed", choices=("auto", "cuda", "cpu"),
-                         help="Where to train; 'auto' uses the GPU when there is one.")
+    mixed_precision: str = option(
+        "auto",
+        label="Mixed precision",
+        group="Memory and speed",
+        choices=("auto", "no", "fp16", "bf16"),
+        help="Compute in 16 bits; 'auto' picks bf16 where the GPU has it, else fp16, and full precision on the CPU.",
+    )
+    attention: str = option(
+        "sdpa",
+        label="Attention",
+        group="Memory and speed",
+        choices=("sdpa", "xformers", "eager"),
+        help="PyTorch's scaled-dot-product attention, xformers (when installed) or the plain kernel.",
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        label="Gradient checkpointing",
+        group="Memory and speed",
+        help="Recompute activations in the backward pass: much less memory, ~25% slower.",
+    )
+    cache_latents: bool = option(
+        True,
+        label="Cache latents",
+        group="Memory and speed",
+        help="Encode every image once with the VAE (both flips), then free the VAE from the GPU.",
+    )
+    cache_text_embeddings: bool = option(
+        True,
+        label="Cache text embeddings",
+        group="Memory and speed",
+        help="Encode each prompt once (only while the text encoder is frozen).",
+    )
+    device: str = option(
+        "auto",
+        label="Device",
+        group="Memory and speed",
+        choices=("auto", "cuda", "cpu"),
+        help="Where to train; 'auto' uses the GPU when there is one.",
+    )
 
-    prior_preservation: bool = option(True, label="Prior preservation", group="Loss",
-                                      help="Train on class images too, so the class keeps its look.")
-    prior_loss_weight: float = option(1.0, label="Prior loss weight", group="Loss", minimum=0.0, maximum=100.0,
-                                      help="Weight of the class-image loss against the instance loss.")
-    offset_noise: float = option(0.0, label="Offset noise", group="Loss", minimum=0.0, maximum=1.0,
-                                 help="Add this much per-channel constant noise (helps very dark/bright images).")
-    min_snr_gamma: float = option(0.0, label="Min-SNR gamma", group="Loss", minimum=0.0, maximum=100.0,
-                                  help="Weight each sample's loss by min(SNR, gamma) (5 is usual; 0: off).")
-    seed: int = option(0, label="Seed", group="Loss", minimum=0, maximum=2**32 - 1,
-                       help="Seed of data order, noise and timesteps: the same seed gives the same run.")
+    prior_preservation: bool = option(
+        True, label="Prior preservation", group="Loss", help="Train on class images too, so the class keeps its look."
+    )
+    prior_loss_weight: float = option(
+        1.0,
+        label="Prior loss weight",
+        group="Loss",
+        minimum=0.0,
+        maximum=100.0,
+        help="Weight of the class-image loss against the instance loss.",
+    )
+    offset_noise: float = option(
+        0.0,
+        label="Offset noise",
+        group="Loss",
+        minimum=0.0,
+        maximum=1.0,
+        help="Add this much per-channel constant noise (helps very dark/bright images).",
+    )
+    min_snr_gamma: float = option(
+        0.0,
+        label="Min-SNR gamma",
+        group="Loss",
+        minimum=0.0,
+        maximum=100.0,
+        help="Weight each sample's loss by min(SNR, gamma) (5 is usual; 0: off).",
+    )
+    seed: int = option(
+        0,
+        label="Seed",
+        group="Loss",
+        minimum=0,
+        maximum=2**32 - 1,
+        help="Seed of data order, noise and timesteps: the same seed gives the same run.",
+    )
 
-    save_every: int = option(500, label="Save every N steps", group="Saving", minimum=0, maximum=1_000_000,
-                             help="Write a checkpoint every N steps (0: only at the end).")
-    save_format: str = option("safetensors", label="File format", group="Saving", choices=("safetensors", "ckpt"),
-                              help="'.safetensors' (safe, fast) or the legacy pickled '.ckpt'.")
-    save_dtype: str = option("fp16", label="Saved precision", group="Saving", choices=("fp16", "bf16", "fp32"),
-                             help="Precision of the saved weights (fp16 halves the file).")
-    state_every: int = option(0, label="Resume point every N steps", group="Saving", minimum=0, maximum=1_000_000,
-                              help="Write a resume snapshot (weights, optimizer, schedule, RNG, data order) every N steps; "
-                                   "0 writes one only when a run is cancelled.")
-    keep_states: int = option(1, label="Resume points kept", group="Saving", minimum=1, maximum=100,
-                              help="How many resume snapshots to keep.")
+    save_every: int = option(
+        500,
+        label="Save every N steps",
+        group="Saving",
+        minimum=0,
+        maximum=1_000_000,
+        help="Write a checkpoint every N steps (0: only at the end).",
+    )
+    save_format: str = option(
+        "safetensors",
+        label="File format",
+        group="Saving",
+        choices=("safetensors", "ckpt"),
+        help="'.safetensors' (safe, fast) or the legacy pickled '.ckpt'.",
+    )
+    save_dtype: str = option(
+        "fp16",
+        label="Saved precision",
+        group="Saving",
+        choices=("fp16", "bf16", "fp32"),
+        help="Precision of the saved weights (fp16 halves the file).",
+    )
+    state_every: int = option(
+        0,
+        label="Resume point every N steps",
+        group="Saving",
+        minimum=0,
+        maximum=1_000_000,
+        help="Write a resume snapshot (weights, optimizer, schedule, RNG, data order) every N steps; "
+        "0 writes one only when a run is cancelled.",
+    )
+    keep_states: int = option(
+        1, label="Resume points kept", group="Saving", minimum=1, maximum=100, help="How many resume snapshots to keep."
+    )
 
-    sample_every: int = option(0, label="Sample every N steps", group="Samples", minimum=0, maximum=1_000_000,
-                               help="Render the concepts' sample prompts every N steps (0: never).")
-    sample_negative_prompt: str = option("", label="Sample negative prompt", group="Samples",
-                                         help="Negative prompt of the previews.")
-    sample_guidance_scale: float = option(7.5, label="Sample CFG scale", group="Samples", minimum=1.0, maximum=30.0,
-                                          help="Classifier-free guidance of the previews.")
-    sample_steps: int = option(20, label="Sample steps", group="Samples", minimum=1, maximum=200,
-                               help="Denoising steps of each preview.")
-    sample_seed: int = option(0, label="Sample seed", group="Samples", minimum=0, maximum=2**32 - 1,
-                              help="Seed of the previews (the same seed each time, so they are comparable).")
+    sample_every: int = option(
+        0,
+        label="Sample every N steps",
+        group="Samples",
+        minimum=0,
+        maximum=1_000_000,
+        help="Render the concepts' sample prompts every N steps (0: never).",
+    )
+    sample_negative_prompt: str = option(
+        "", label="Sample negative prompt", group="Samples", help="Negative prompt of the previews."
+    )
+    sample_guidance_scale: float = option(
+        7.5,
+        label="Sample CFG scale",
+        group="Samples",
+        minimum=1.0,
+        maximum=30.0,
+        help="Classifier-free guidance of the previews.",
+    )
+    sample_steps: int = option(
+        20, label="Sample steps", group="Samples", minimum=1, maximum=200, help="Denoising steps of each preview."
+    )
+    sample_seed: int = option(
+        0,
+        label="Sample seed",
+        group="Samples",
+        minimum=0,
+        maximum=2**32 - 1,
+        help="Seed of the previews (the same seed each time, so they are comparable).",
+    )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Validate a JSON-like dict (migrating old versions) into a config; errors name the field."""
         if not isinstance(data, dict):
             raise ConfigError("A config must be a JSON object.", "Start from the one `python -m dreambooth` writes.")
@@ -244,8 +505,9 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool):
         raise ConfigError(f"'version' must be a whole number, got {version!r}.")
     if version > CONFIG_VERSION:
-        raise ConfigError(f"This config is version {version}; this extension reads up to {CONFIG_VERSION}.",
-                          "Update the extension.")
+        raise ConfigError(
+            f"This config is version {version}; this extension reads up to {CONFIG_VERSION}.", "Update the extension."
+        )
     while version < CONFIG_VERSION:
         if version not in MIGRATIONS:
             raise ConfigError(f"Config version {version} cannot be migrated.", "Create the model again.")
@@ -260,8 +522,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"Unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}.",
-                          f"Known settings: {', '.join(known)}.")
+        raise ConfigError(
+            f"Unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}.",
+            f"Known settings: {', '.join(known)}.",
+        )
     values = {}
     for name, f in known.items():
         if name not in data:
@@ -277,8 +541,12 @@ def _check(hint: Any, value: Any, name: str, meta: dict[str, Any]) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"'{name}' must be a list, got {type(value).__name__}.")
         if dataclasses.is_dataclass(inner):
-            return [_build(inner, item, f"{name}[{i}].") if isinstance(item, dict)
-                    else _fail(f"'{name}[{i}]' must be an object.") for i, item in enumerate(value)]
+            return [
+                _build(inner, item, f"{name}[{i}].")
+                if isinstance(item, dict)
+                else _fail(f"'{name}[{i}]' must be an object.")
+                for i, item in enumerate(value)
+            ]
         return [_check(inner, item, f"{name}[{i}]", {}) for i, item in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
@@ -311,8 +579,10 @@ def _fail(message: str) -> Any:
 def check_model_name(name: str) -> str:
     """Refuse names that are empty, reach outside the models folder or that Windows cannot store."""
     if not _MODEL_NAME.match(name) or name.endswith(".") or name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        raise ConfigError(f"Model name {name!r} is not allowed.",
-                          "Use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+        raise ConfigError(
+            f"Model name {name!r} is not allowed.",
+            "Use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+        )
     return name
 
 
@@ -334,14 +604,20 @@ def validate_for_training(config: TrainConfig) -> list[str]:
             raise ConfigError(f"'{label}.instance_prompt' is empty.", "Write e.g. 'photo of zwx person'.")
         if config.prior_preservation:
             if not concept.class_prompt and not concept.class_dir:
-                raise ConfigError(f"'{label}.class_prompt' is empty while prior preservation is on.",
-                                  "Write e.g. 'photo of a person', or turn prior preservation off.")
+                raise ConfigError(
+                    f"'{label}.class_prompt' is empty while prior preservation is on.",
+                    "Write e.g. 'photo of a person', or turn prior preservation off.",
+                )
             if concept.class_dir and _same_folder(concept.class_dir, concept.instance_dir):
-                raise ConfigError(f"'{label}.class_dir' is the instance folder ({concept.instance_dir}).",
-                                  "Class images must be other members of the class: pick another folder or leave it empty.")
+                raise ConfigError(
+                    f"'{label}.class_dir' is the instance folder ({concept.instance_dir}).",
+                    "Class images must be other members of the class: pick another folder or leave it empty.",
+                )
         if FILEWORDS not in concept.instance_prompt and not rare_tokens(concept.instance_prompt, concept.class_prompt):
-            warnings.append(f"{label}: the instance prompt {concept.instance_prompt!r} has no word that the class prompt "
-                            "lacks; add a rare token (e.g. 'zwx') or the subject will overwrite the whole class.")
+            warnings.append(
+                f"{label}: the instance prompt {concept.instance_prompt!r} has no word that the class prompt "
+                "lacks; add a rare token (e.g. 'zwx') or the subject will overwrite the whole class."
+            )
     if config.train_text_encoder and config.cache_text_embeddings:
         warnings.append("Text embeddings are not cached while the text encoder trains.")
     return warnings
@@ -369,7 +645,9 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"Config file {path} cannot be read: {exc}.", "Fix the JSON or create the model again.") from None
+        raise ConfigError(
+            f"Config file {path} cannot be read: {exc}.", "Fix the JSON or create the model again."
+        ) from None
     return TrainConfig.from_dict(data)
 
 
@@ -379,4 +657,3 @@ def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
 
     text = json.dumps(config.to_dict(), indent=2)
     write_atomic(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-

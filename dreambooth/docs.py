@@ -22,5 +22,5 @@ def _row(spec: OptionSpec) -> str:
         allowed = f"{spec.minimum:g} – {spec.maximum:g}"
     else:
         allowed = ""
-    default = f"`{spec.default!r}`" if not isinstance(spec.default, str) else f"`\"{spec.default}\"`"
+    default = f"`{spec.default!r}`" if not isinstance(spec.default, str) else f'`"{spec.default}"`'
     return f"| `{spec.name}` | {spec.type} | {default} | {allowed} | {spec.label}: {spec.help.replace('|', '/')} |"

@@ -57,14 +57,17 @@ def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         advice = OutOfMemoryAdvice(
             "The GPU ran out of memory.",
             "Turn on gradient checkpointing, use AdamW 8-bit, turn off text-encoder training, lower the batch size "
-            "or the resolution, and close other programs that use the GPU.")
+            "or the resolution, and close other programs that use the GPU.",
+        )
         events.emit("error", kind="OutOfMemoryAdvice", message=advice.message, advice=advice.advice)
         raise advice from exc
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        full = DiskFullError(f"The disk is full: {exc.filename or model_dir} could not be written.",
-                             "Free some space and train again; it resumes from its last resume point.")
+        full = DiskFullError(
+            f"The disk is full: {exc.filename or model_dir} could not be written.",
+            "Free some space and train again; it resumes from its last resume point.",
+        )
         events.emit("error", kind="DiskFullError", message=full.message, advice=full.advice)
         raise full from exc
     finally:
@@ -84,8 +87,13 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     check_images([e.path for e in instance], min_side)
 
     events.emit("status", message=f"Loading {config.source_checkpoint}")
-    loaded = load_model(config.source_checkpoint, model_dir / "working", model_dir / "cache",
-                        config.tokenizer_dir, config.model_config_dir)
+    loaded = load_model(
+        config.source_checkpoint,
+        model_dir / "working",
+        model_dir / "cache",
+        config.tokenizer_dir,
+        config.model_config_dir,
+    )
     components = loaded.components
     components.unet.to(device)
     components.text_encoder.to(device)
@@ -101,32 +109,62 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         if config.train_text_encoder:
             components.text_encoder.gradient_checkpointing_enable()
 
-    latents = ImageLatents(components.vae, config.resolution, config.center_crop, config.cache_latents,
-                           model_dir / "cache" / "latents", loaded.source_id, device, min_side)
+    latents = ImageLatents(
+        components.vae,
+        config.resolution,
+        config.center_crop,
+        config.cache_latents,
+        model_dir / "cache" / "latents",
+        loaded.source_id,
+        device,
+        min_side,
+    )
     flips = (False, True) if config.hflip else (False,)
-    latents.prepare([e.path for e in instance + classes], flips,
-                    lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total))
+    latents.prepare(
+        [e.path for e in instance + classes],
+        flips,
+        lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
+    )
     if config.cache_latents and not config.center_crop:
         events.emit("warning", message="Random crops change every step, so latents are not cached.")
-    prompts = PromptEmbeddings(components.tokenizer, components.text_encoder, device,
-                               config.cache_text_embeddings and not config.train_text_encoder)
+    prompts = PromptEmbeddings(
+        components.tokenizer,
+        components.text_encoder,
+        device,
+        config.cache_text_embeddings and not config.train_text_encoder,
+    )
 
     output_dir = Path(config.output_dir) if config.output_dir else model_dir / "checkpoints"
-    outcome: Outcome = train(Run(
-        config=config, components=components, instance=instance, classes=classes, latents=latents,
-        prompts=prompts, device=device, autocast_dtype=autocast_dtype, state_dir=model_dir / "state",
-        total_steps=total_steps(config, len(instance)),
-        fingerprint={"source_id": loaded.source_id, "train_text_encoder": config.train_text_encoder,
-                     "optimizer": config.optimizer, "seed": config.seed},
-        events=events,
-        save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
-        render_samples=lambda step: _samples(config, loaded, model_dir, step),
-        cancel_requested=cancel_file.exists,
-    ))
-    events.emit("finished", step=outcome.step, cancelled=outcome.cancelled,
-                checkpoints=[str(p) for p in outcome.checkpoints])
-    return RunResult(step=outcome.step, cancelled=outcome.cancelled, checkpoints=outcome.checkpoints,
-                     losses=outcome.losses)
+    outcome: Outcome = train(
+        Run(
+            config=config,
+            components=components,
+            instance=instance,
+            classes=classes,
+            latents=latents,
+            prompts=prompts,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            state_dir=model_dir / "state",
+            total_steps=total_steps(config, len(instance)),
+            fingerprint={
+                "source_id": loaded.source_id,
+                "train_text_encoder": config.train_text_encoder,
+                "optimizer": config.optimizer,
+                "seed": config.seed,
+            },
+            events=events,
+            save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
+            render_samples=lambda step: _samples(config, loaded, model_dir, step),
+            cancel_requested=cancel_file.exists,
+        )
+    )
+    events.emit(
+        "finished", step=outcome.step, cancelled=outcome.cancelled, checkpoints=[str(p) for p in outcome.checkpoints]
+    )
+    return RunResult(
+        step=outcome.step, cancelled=outcome.cancelled, checkpoints=outcome.checkpoints, losses=outcome.losses
+    )
 
 
 def total_steps(config: TrainConfig, num_instance: int) -> int:
@@ -165,14 +203,23 @@ def apply_attention(unet, choice: str) -> None:
 
             unet.enable_xformers_memory_efficient_attention()
         except Exception as exc:  # ImportError, or xformers built for another torch/CUDA
-            raise ConfigError(f"'attention' is xformers, but xformers cannot be used here ({exc}).",
-                              "Pick 'sdpa' (as fast on current PyTorch).") from None
+            raise ConfigError(
+                f"'attention' is xformers, but xformers cannot be used here ({exc}).",
+                "Pick 'sdpa' (as fast on current PyTorch).",
+            ) from None
         return
     unet.set_attn_processor(AttnProcessor2_0() if choice == "sdpa" else AttnProcessor())
 
 
-def _class_examples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, device: torch.device,
-                    events: Events, cancelled, min_side: int) -> list[Example]:
+def _class_examples(
+    config: TrainConfig,
+    loaded: LoadedModel,
+    model_dir: Path,
+    device: torch.device,
+    events: Events,
+    cancelled,
+    min_side: int,
+) -> list[Example]:
     if not config.prior_preservation:
         return []
     examples: list[Example] = []
@@ -183,15 +230,23 @@ def _class_examples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, d
         if missing > 0:
             events.emit("status", message=f"Generating {missing} class images for concepts[{i}]")
             paths += generate_class_images(
-                lambda: inference_pipeline(loaded.components), concept, folder, missing, config.resolution,
-                CLASS_BATCH, device,
+                lambda: inference_pipeline(loaded.components),
+                concept,
+                folder,
+                missing,
+                config.resolution,
+                CLASS_BATCH,
+                device,
                 lambda done, total: events.emit("progress", phase="Generating class images", done=done, total=total),
-                cancelled)
+                cancelled,
+            )
         if concept.num_class_images:
-            paths = paths[:concept.num_class_images]
+            paths = paths[: concept.num_class_images]
         if not paths:
-            raise DatasetError(f"concepts[{i}] has no class images and 'num_class_images' is 0.",
-                               "Set 'Class images' above 0 or turn prior preservation off.")
+            raise DatasetError(
+                f"concepts[{i}] has no class images and 'num_class_images' is 0.",
+                "Set 'Class images' above 0 or turn prior preservation off.",
+            )
         check_images(paths, min_side)
         examples += class_examples(concept, paths)
     return examples
@@ -201,15 +256,24 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
     tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])
     training = {
-        "extension": f"dreambooth {__version__}", "base_model": Path(config.source_checkpoint).name,
-        "base_model_id": loaded.source_id, "step": step,
+        "extension": f"dreambooth {__version__}",
+        "base_model": Path(config.source_checkpoint).name,
+        "base_model_id": loaded.source_id,
+        "step": step,
         "instance_prompts": [c.instance_prompt for c in config.concepts],
         "class_prompts": [c.class_prompt for c in config.concepts] if config.prior_preservation else [],
-        "learning_rate": config.learning_rate, "train_text_encoder": config.train_text_encoder,
-        "resolution": config.resolution, "seed": config.seed,
+        "learning_rate": config.learning_rate,
+        "train_text_encoder": config.train_text_encoder,
+        "resolution": config.resolution,
+        "seed": config.seed,
     }
-    metadata = modelspec(loaded.family, loaded.components.prediction_type, config.resolution,
-                         f"{config.model_name} (step {step})", training)
+    metadata = modelspec(
+        loaded.family,
+        loaded.components.prediction_type,
+        config.resolution,
+        f"{config.model_name} (step {step})",
+        training,
+    )
     save_checkpoint(path, tensors, metadata)
     events.emit("checkpoint_saved", step=step, path=str(path))
     return path
@@ -217,8 +281,17 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
 
 def _samples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, step: int) -> list[Path]:
     prompts = [p for c in config.concepts for p in c.sample_prompts] or [config.concepts[0].instance_prompt]
-    return render_samples(loaded.components, prompts, config.sample_negative_prompt, config.sample_guidance_scale,
-                          config.sample_steps, config.sample_seed, config.resolution, model_dir / "samples", step)
+    return render_samples(
+        loaded.components,
+        prompts,
+        config.sample_negative_prompt,
+        config.sample_guidance_scale,
+        config.sample_steps,
+        config.sample_seed,
+        config.resolution,
+        model_dir / "samples",
+        step,
+    )
 
 
 def read_events(model_dir: Path) -> list[dict]:

@@ -19,15 +19,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 
 class Events:
     """Where the engine reports what happens; front ends read the same lines back."""
 
-    def __init__(self, log_path: Path | None = None, stream: IO[str] | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path | None = None,
+        stream: IO[str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.log_path = log_path
         self.stream = stream
         self.on_event = on_event
@@ -70,8 +75,10 @@ class TerminalProgress:
         if kind == "step":
             done = int(self.width * event["step"] / max(event["total"], 1))
             bar = "#" * done + "-" * (self.width - done)
-            self.stream.write(f"\r[{bar}] {event['step']}/{event['total']} loss {event['loss']:.4f} "
-                              f"{event['it_per_s']:.2f} it/s ETA {format_seconds(event['eta_s'])}   ")
+            self.stream.write(
+                f"\r[{bar}] {event['step']}/{event['total']} loss {event['loss']:.4f} "
+                f"{event['it_per_s']:.2f} it/s ETA {format_seconds(event['eta_s'])}   "
+            )
             self._bar_shown = True
         elif kind == "progress":
             self.stream.write(f"\r{event['phase']}: {event['done']}/{event['total']}   ")
@@ -84,8 +91,10 @@ class TerminalProgress:
                 "checkpoint_saved": lambda e: f"saved {e['path']}",
                 "state_saved": lambda e: f"resume point {e['path']}",
                 "sample": lambda e: f"samples: {', '.join(e['paths'])}",
-                "started": lambda e: f"training {e['model']}: {e['total_steps']} steps"
-                                     + (f", resuming at {e['resumed_from']}" if e["resumed_from"] else ""),
+                "started": lambda e: (
+                    f"training {e['model']}: {e['total_steps']} steps"
+                    + (f", resuming at {e['resumed_from']}" if e["resumed_from"] else "")
+                ),
                 "finished": lambda e: ("cancelled" if e["cancelled"] else "finished") + f" at step {e['step']}",
             }.get(kind)
             if text is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import DiskFullError
 
@@ -28,9 +28,11 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     except BaseException as exc:
         temp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"The disk is full: {path} could not be written (nothing half-written was left).",
-                                f"Free some space on the drive of {path.parent} and train again; "
-                                "the run resumes from its last resume point.") from exc
+            raise DiskFullError(
+                f"The disk is full: {path} could not be written (nothing half-written was left).",
+                f"Free some space on the drive of {path.parent} and train again; "
+                "the run resumes from its last resume point.",
+            ) from exc
         raise
     _fsync_dir(path.parent)
     return path

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dreambooth.config import Concept, TrainConfig
+from dreambooth.config import TrainConfig
 from dreambooth.events import Events
 from dreambooth.models.export import checkpoint_tensors, save_checkpoint
 from dreambooth.models.tiny import build_tiny_components, write_config_folder
@@ -35,11 +35,16 @@ def tiny(tmp_path_factory, tokenizer_dir):
     components = build_tiny_components(load_clip_tokenizer(tokenizer_dir), seed=0)
     config_dir = write_config_folder(components, folder / "config")
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    extra = {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float(),
-             "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)}
+    extra = {
+        "betas": betas.float(),
+        "alphas_cumprod": torch.cumprod(1 - betas, 0).float(),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(0, dtype=torch.int32),
+    }
     path = save_checkpoint(folder / "tiny-sd1.safetensors", checkpoint_tensors(components, extra))
     return dataclasses.make_dataclass("Tiny", ["path", "config_dir", "components", "extra"])(
-        path, config_dir, components, extra)
+        path, config_dir, components, extra
+    )
 
 
 def draw_subject(path: Path, seed: int, size: int = 64, colour=(220, 40, 40)) -> Path:
@@ -68,13 +73,28 @@ def make_config(tmp_path, tiny, tokenizer_dir, instance_dir):
     """A config for a few fast steps on the tiny model; keyword arguments override any option."""
 
     def make(concept: dict | None = None, **options) -> TrainConfig:
-        concept_fields = {"instance_dir": str(instance_dir), "instance_prompt": "photo of zwx disc",
-                          "class_prompt": "photo of a disc", "num_class_images": 2, "class_infer_steps": 2,
-                          **(concept or {})}
-        fields = {"model_name": "zwx", "source_checkpoint": str(tiny.path), "model_config_dir": str(tiny.config_dir),
-                  "tokenizer_dir": str(tokenizer_dir), "resolution": 64, "max_steps": 3, "save_every": 0,
-                  "learning_rate": 1e-3, "device": "cpu", "save_dtype": "fp32", "concepts": [concept_fields],
-                  **options}
+        concept_fields = {
+            "instance_dir": str(instance_dir),
+            "instance_prompt": "photo of zwx disc",
+            "class_prompt": "photo of a disc",
+            "num_class_images": 2,
+            "class_infer_steps": 2,
+            **(concept or {}),
+        }
+        fields = {
+            "model_name": "zwx",
+            "source_checkpoint": str(tiny.path),
+            "model_config_dir": str(tiny.config_dir),
+            "tokenizer_dir": str(tokenizer_dir),
+            "resolution": 64,
+            "max_steps": 3,
+            "save_every": 0,
+            "learning_rate": 1e-3,
+            "device": "cpu",
+            "save_dtype": "fp32",
+            "concepts": [concept_fields],
+            **options,
+        }
         return TrainConfig.from_dict(fields)
 
     return make

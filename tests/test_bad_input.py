@@ -24,12 +24,14 @@ def _nothing_written(model_dir):
     return not (model_dir / "checkpoints").exists() and not list(model_dir.rglob("*.safetensors"))
 
 
-@pytest.mark.parametrize("content,expect", [
-    (b"", "is empty (0 bytes)"),
-    (b"this is a text file, not a model", "is not a readable checkpoint"),
-])
-def test_a_checkpoint_that_is_not_a_model_is_refused_by_name(tmp_path, make_config, model_dir, events, content,
-                                                             expect):
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        (b"", "is empty (0 bytes)"),
+        (b"this is a text file, not a model", "is not a readable checkpoint"),
+    ],
+)
+def test_a_checkpoint_that_is_not_a_model_is_refused_by_name(tmp_path, make_config, model_dir, events, content, expect):
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(content)
     with pytest.raises(ModelFormatError) as error:
@@ -52,13 +54,19 @@ def test_a_missing_checkpoint_says_so(tmp_path, make_config, model_dir, events):
         run(make_config(source_checkpoint=str(tmp_path / "nope.safetensors")), model_dir, events)
 
 
-@pytest.mark.parametrize("keys,family_error", [
-    (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SDXL"),
-    (["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SD 2.x"),
-    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
-    (["down_blocks.0.resnets.0.conv1.weight", "conv_in.weight"], "diffusers UNet"),
-    (["model.diffusion_model.out.2.bias", "cond_stage_model.transformer.text_model.final_layer_norm.bias"], "no VAE"),
-])
+@pytest.mark.parametrize(
+    "keys,family_error",
+    [
+        (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SDXL"),
+        (["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SD 2.x"),
+        (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
+        (["down_blocks.0.resnets.0.conv1.weight", "conv_in.weight"], "diffusers UNet"),
+        (
+            ["model.diffusion_model.out.2.bias", "cond_stage_model.transformer.text_model.final_layer_norm.bias"],
+            "no VAE",
+        ),
+    ],
+)
 def test_unsupported_families_get_a_clear_error(tmp_path, keys, family_error):
     with pytest.raises(ModelFormatError, match=family_error):
         detect_family(keys, tmp_path / "x.safetensors")
@@ -135,8 +143,9 @@ def test_an_8x8_photo_is_rejected_with_the_minimum(make_config, model_dir, event
         run(make_config(), model_dir, events)
 
 
-def test_a_full_disk_while_saving_leaves_no_partial_file_and_says_what_to_do(make_config, model_dir, events,
-                                                                           monkeypatch):
+def test_a_full_disk_while_saving_leaves_no_partial_file_and_says_what_to_do(
+    make_config, model_dir, events, monkeypatch
+):
     import errno
 
     import safetensors.torch

@@ -192,3 +192,18 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     expect(page.locator("#dreambooth_checkpoints")).to_contain_text("zwx_3.safetensors")
     # The page's polling ends with the run.
     page.wait_for_function("() => window.dreamboothTab && !window.dreamboothTab.active()", timeout=10_000)
+
+
+def test_polling_lives_only_while_the_tab_is_shown_and_a_run_is_active(app, page: Page) -> None:
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => window.dreamboothTab !== undefined")
+    active = "() => window.dreamboothTab.active()"
+    page.wait_for_function(f"() => !({active})()", timeout=10_000)  # nothing runs: the loop after page load ends
+    page.evaluate("() => window.dreamboothTab.start()")
+    assert page.evaluate(active)
+    page.evaluate("() => { document.querySelector('#dreambooth_progress').style.display = 'none'; }")  # tab hidden
+    page.wait_for_function(f"() => !({active})()", timeout=5_000)
+    page.evaluate("() => { document.querySelector('#dreambooth_progress').style.display = ''; }")
+    page.mouse.click(5, 5)  # a click (e.g. on the tab's button) resumes it
+    page.wait_for_function(active, timeout=5_000)
+    page.wait_for_function(f"() => !({active})()", timeout=10_000)  # and it ends again: no run is active

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dreambooth", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "dreambooth", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
 
 
 def test_train_prints_json_events_and_logs_them(make_config, model_dir):

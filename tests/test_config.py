@@ -10,33 +10,48 @@ from pathlib import Path
 import pytest
 
 from dreambooth import config as config_module
-from dreambooth.config import (CONFIG_VERSION, Concept, ConfigError, TrainConfig, check_model_name, load_config,
-                               option_specs, save_config)
+from dreambooth.config import (
+    CONFIG_VERSION,
+    Concept,
+    ConfigError,
+    TrainConfig,
+    check_model_name,
+    load_config,
+    option_specs,
+    save_config,
+)
 from dreambooth.docs import options_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_json_round_trip_keeps_every_field(tmp_path):
-    original = TrainConfig(model_name="zwx", source_checkpoint="a.safetensors", learning_rate=3e-6,
-                           concepts=[Concept(instance_dir="i", instance_prompt="photo of zwx", sample_prompts=["x"])])
+    original = TrainConfig(
+        model_name="zwx",
+        source_checkpoint="a.safetensors",
+        learning_rate=3e-6,
+        concepts=[Concept(instance_dir="i", instance_prompt="photo of zwx", sample_prompts=["x"])],
+    )
     save_config(original, tmp_path / "config.json")
     assert load_config(tmp_path / "config.json") == original
     assert json.loads((tmp_path / "config.json").read_text())["concepts"][0]["sample_prompts"] == ["x"]
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"learning_rate": "fast"}, "'learning_rate' must be a number"),
-    ({"max_steps": 2.5}, "'max_steps' must be a whole number"),
-    ({"max_steps": 0}, "'max_steps' must be between 1 and 1e+06"),
-    ({"optimizer": "sgd"}, "'optimizer' must be one of adamw, adamw_8bit, adafactor"),
-    ({"hflip": "yes"}, "'hflip' must be true or false"),
-    ({"lerning_rate": 1e-6}, "Unknown setting lerning_rate"),
-    ({"concepts": [{"instance_dir": "x", "prompt": "y"}]}, "Unknown setting concepts[0].prompt"),
-    ({"concepts": [{"num_class_images": -1}]}, "'concepts[0].num_class_images' must be between"),
-    ({"concepts": "x"}, "'concepts' must be a list"),
-    ({"version": CONFIG_VERSION + 1}, "reads up to"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"learning_rate": "fast"}, "'learning_rate' must be a number"),
+        ({"max_steps": 2.5}, "'max_steps' must be a whole number"),
+        ({"max_steps": 0}, "'max_steps' must be between 1 and 1e+06"),
+        ({"optimizer": "sgd"}, "'optimizer' must be one of adamw, adamw_8bit, adafactor"),
+        ({"hflip": "yes"}, "'hflip' must be true or false"),
+        ({"lerning_rate": 1e-6}, "Unknown setting lerning_rate"),
+        ({"concepts": [{"instance_dir": "x", "prompt": "y"}]}, "Unknown setting concepts[0].prompt"),
+        ({"concepts": [{"num_class_images": -1}]}, "'concepts[0].num_class_images' must be between"),
+        ({"concepts": "x"}, "'concepts' must be a list"),
+        ({"version": CONFIG_VERSION + 1}, "reads up to"),
+    ],
+)
 def test_bad_values_name_the_field_and_what_is_allowed(data, message):
     with pytest.raises(ConfigError) as error:
         TrainConfig.from_dict(data)
@@ -84,16 +99,35 @@ def test_every_option_has_label_help_group_and_a_valid_default():
 
 
 def test_readme_carries_the_generated_option_reference():
-    assert options_reference() in README.read_text(encoding="utf-8"), \
+    assert options_reference() in README.read_text(encoding="utf-8"), (
         "README's option reference is stale: paste `python -m dreambooth options` into it"
+    )
 
 
 def test_cli_new_writes_a_valid_config(tmp_path):
     folder = tmp_path / "models" / "zwx"
-    done = subprocess.run([sys.executable, "-m", "dreambooth", "new", str(folder), "--source", "m.safetensors",
-                           "--instance-dir", "photos", "--instance-prompt", "photo of zwx person",
-                           "--class-prompt", "photo of a person", "--steps", "400"],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dreambooth",
+            "new",
+            str(folder),
+            "--source",
+            "m.safetensors",
+            "--instance-dir",
+            "photos",
+            "--instance-prompt",
+            "photo of zwx person",
+            "--class-prompt",
+            "photo of a person",
+            "--steps",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     config = load_config(folder / "config.json")
     assert config.model_name == "zwx" and config.max_steps == 400 and config.prior_preservation

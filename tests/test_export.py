@@ -17,8 +17,14 @@ from dreambooth.models.read import read_tensors
 def _diffusers_reads_back(path, config_dir, tokenizer):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                                    tokenizer=tokenizer, safety_checker=None, feature_extractor=None)
+    return StableDiffusionPipeline.from_single_file(
+        str(path),
+        config=str(config_dir),
+        local_files_only=True,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+    )
 
 
 def _flat(state_dict):
@@ -26,8 +32,9 @@ def _flat(state_dict):
     return {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
 
 
-@pytest.mark.parametrize("fmt,dtype", [("safetensors", "fp16"), ("safetensors", "bf16"), ("safetensors", "fp32"),
-                                       ("ckpt", "fp16")])
+@pytest.mark.parametrize(
+    "fmt,dtype", [("safetensors", "fp16"), ("safetensors", "bf16"), ("safetensors", "fp32"), ("ckpt", "fp16")]
+)
 def test_diffusers_reads_our_export_back_bit_for_bit(tmp_path, tiny, fmt, dtype):
     components = copy.deepcopy(tiny.components)
     with torch.no_grad():  # make the weights distinguishable from any fresh initialisation
@@ -65,7 +72,10 @@ def test_the_working_copy_is_reused_and_gives_the_same_model(tmp_path, tiny):
     stamp = (tmp_path / "working" / "source.json").stat().st_mtime_ns
     second = load_model(tiny.path, tmp_path / "working", tmp_path / "cache", config_dir=str(tiny.config_dir))
     assert (tmp_path / "working" / "source.json").stat().st_mtime_ns == stamp
-    a, b = checkpoint_tensors(first.components, first.extra_tensors), checkpoint_tensors(second.components, second.extra_tensors)
+    a, b = (
+        checkpoint_tensors(first.components, first.extra_tensors),
+        checkpoint_tensors(second.components, second.extra_tensors),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -83,9 +93,15 @@ def test_safetensors_header_carries_modelspec_and_training_summary(tmp_path, tin
     assert v_meta["modelspec.prediction_type"] == "v" and "dreambooth.training" not in v_meta
 
 
-def test_a_failed_write_leaves_no_file_with_the_final_name(tmp_path, tiny):
-    tensors = checkpoint_tensors(tiny.components)
-    tensors["broken"] = "not a tensor"  # safetensors refuses it half-way
-    with pytest.raises(Exception):
-        save_checkpoint(tmp_path / "m.safetensors", tensors)
+def test_a_failed_write_leaves_no_file_with_the_final_name(tmp_path, tiny, monkeypatch):
+    import safetensors.torch
+
+    def crash_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 4096)
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_half_way)
+    with pytest.raises(RuntimeError, match="power cut"):
+        save_checkpoint(tmp_path / "m.safetensors", checkpoint_tensors(tiny.components))
     assert list(tmp_path.iterdir()) == []

@@ -178,3 +178,160 @@ def test_inside_the_web_ui_the_host_callbacks_and_a_tiny_training_work(tmp_path:
     result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
                             check=False, capture_output=True, text=True, timeout=600)
     assert "IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+# ---- a1111.py against the stand-in web UI (runs everywhere; the same checks run inside a real one above) -----
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """a1111.py imported against tests/fake_webui.py, with two checkpoints in its models folder."""
+    from fake_webui import write_fake_webui
+
+    root = write_fake_webui(tmp_path / "webui")
+    models = tmp_path / "models"
+    (models / "Stable-diffusion" / "sub").mkdir(parents=True)
+    (models / "Stable-diffusion" / "base.safetensors").write_bytes(b"x")
+    (models / "Stable-diffusion" / "sub" / "other.ckpt").write_bytes(b"x")
+    monkeypatch.syspath_prepend(str(root))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "dreambooth.host.a1111"]:
+        monkeypatch.delitem(sys.modules, name)
+    import modules
+    from modules import paths, sd_models, shared, shared_state
+
+    paths.models_path = str(models)
+    sd_models.model_path = str(models / "Stable-diffusion")
+    shared.state = shared_state.State()
+    shared.refresh_checkpoints()
+    modules.calls.clear()
+    from dreambooth.host import a1111
+
+    yield a1111, modules, models
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "dreambooth.host.a1111"]:
+        del sys.modules[name]
+
+
+def test_the_stand_in_web_ui_honours_the_pin(tmp_path: Path) -> None:
+    from fake_webui import write_fake_webui
+
+    assert check_source(write_fake_webui(tmp_path), load_pin()) == []
+
+
+def test_a1111_lists_and_resolves_the_web_uis_checkpoints(fake) -> None:
+    a1111, modules, models = fake
+    host = a1111.A1111Host()
+    assert host.models_dir == models
+    assert host.checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
+    assert host.checkpoint_file("sub/other.ckpt") == models / "Stable-diffusion" / "sub" / "other.ckpt"
+    with pytest.raises(KeyError):
+        host.checkpoint_file("missing.safetensors")
+    dropdown = type("Dropdown", (), {"choices": []})()
+    modules.shared.settings_components["sd_model_checkpoint"] = dropdown
+    (models / "Stable-diffusion" / "new.safetensors").write_bytes(b"x")
+    host.refresh_checkpoints()
+    assert "new.safetensors" in host.checkpoint_titles() and dropdown.choices == host.checkpoint_titles()
+
+
+def test_a1111_holds_the_queue_and_moves_models_out_and_back(fake) -> None:
+    a1111, modules, _ = fake
+    sd_models = modules.sd_models
+    base = sd_models.checkpoints_list["base.safetensors"]
+    other = sd_models.checkpoints_list["sub/other.ckpt"]
+    sd_models.model_data.sd_model = sd_models.FakeModel(base)
+    sd_models.model_data.loaded_sd_models = [sd_models.model_data.sd_model, sd_models.FakeModel(other)]
+    modules.shared.opts.data["sd_model_checkpoint"] = "base.safetensors"
+    host = a1111.A1111Host()
+    host.unload_model()
+    assert not modules.call_queue.queue_lock.acquire(blocking=False)
+    assert modules.calls == [("send_model_to_cpu", "base.safetensors"), ("send_model_to_cpu", "sub/other.ckpt"),
+                             ("torch_gc",)]
+    modules.calls.clear()
+    # "Use in txt2img" while training: recorded, not loaded, until the run ends
+    assert host.select_checkpoint(other.filename) == "sub/other.ckpt"
+    assert ("opts.set", "sd_model_checkpoint", "sub/other.ckpt") not in modules.calls
+    assert modules.shared.opts.sd_model_checkpoint == "sub/other.ckpt"
+    host.reload_model()
+    assert ("reload_model_weights", "sub/other.ckpt") in modules.calls
+    assert modules.call_queue.queue_lock.acquire(blocking=False)
+    modules.call_queue.queue_lock.release()
+    # idle: the web UI's own setting change does the switch; the same model just goes back to the GPU
+    modules.calls.clear()
+    assert host.select_checkpoint(base.filename) == "base.safetensors"
+    assert ("opts.set", "sd_model_checkpoint", "base.safetensors") in modules.calls
+    modules.shared.opts.data["sd_model_checkpoint"] = "sub/other.ckpt"
+    host.unload_model()
+    host.reload_model()
+    assert modules.calls[-1] == ("send_model_to_device", "sub/other.ckpt")
+
+
+def test_a1111_can_keep_the_model_in_vram_when_the_user_says_so(fake) -> None:
+    a1111, modules, _ = fake
+    modules.sd_models.model_data.sd_model = modules.sd_models.FakeModel(
+        modules.sd_models.checkpoints_list["base.safetensors"])
+    modules.shared.opts.data["dreambooth_unload_model"] = False
+    host = a1111.A1111Host()
+    host.unload_model()
+    assert modules.calls == [] and not modules.call_queue.queue_lock.acquire(blocking=False)
+    host.reload_model()
+    assert modules.call_queue.queue_lock.acquire(blocking=False)
+
+
+def test_a1111_mirrors_progress_and_reads_the_interrupt_button(fake) -> None:
+    a1111, modules, _ = fake
+    host, state = a1111.A1111Host(), modules.shared.state
+    state.interrupt()  # a stale press from an earlier job does not count
+    host.job_started("DreamBooth: zwx", 100)
+    assert (state.job, state.sampling_steps, host.interrupt_requested()) == ("DreamBooth: zwx", 100, False)
+    host.job_progress(7, 100, "step 7/100")
+    assert (state.sampling_step, state.textinfo) == (7, "step 7/100")
+    state.interrupt()
+    assert host.interrupt_requested()
+    host.job_finished()
+    assert state.job == ""
+
+
+def test_a1111_refuses_to_switch_under_frozen_settings(fake) -> None:
+    a1111, modules, models = fake
+    modules.shared.cmd_opts.freeze_settings = True
+    with pytest.raises(Exception, match="frozen"):
+        a1111.A1111Host().select_checkpoint(models / "Stable-diffusion" / "base.safetensors")
+
+
+def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake) -> None:
+    a1111, modules, models = fake
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dreambooth_entry", REPO / "scripts" / "dreambooth.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    callbacks = modules.script_callbacks.callback_map
+    assert callbacks["callbacks_ui_tabs"] == [a1111.ui_tabs]
+    assert callbacks["callbacks_app_started"] == [a1111.app_started]
+    assert callbacks["callbacks_ui_settings"] == [a1111.ui_settings]
+    supervisor = a1111.supervisor()
+    assert supervisor.dreambooth_dir == models / "dreambooth"
+    assert supervisor.checkpoints_dir == models / "Stable-diffusion" and a1111.supervisor() is supervisor
+
+    from fastapi import FastAPI
+
+    modules.shared.cmd_opts.api_auth = "alice:pw"
+    app = FastAPI()
+    a1111.app_started(None, app)
+    assert app.routes  # mounted; its 401 without credentials is tested over HTTP in test_api.py
+    modules.shared.cmd_opts.dreambooth_no_api = True
+    app = FastAPI()
+    routes = len(app.routes)
+    a1111.app_started(None, app)
+    assert len(app.routes) == routes
+
+
+def test_preload_adds_the_flags() -> None:
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dreambooth_preload", REPO / "preload.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = argparse.ArgumentParser()
+    module.preload(parser)
+    args = parser.parse_args(["--dreambooth-dir", "D", "--dreambooth-python", "P", "--dreambooth-no-api"])
+    assert (args.dreambooth_dir, args.dreambooth_python, args.dreambooth_no_api) == ("D", "P", True)
+    assert parser.parse_args([]).dreambooth_dir is None

@@ -10,8 +10,13 @@ from dreambooth.train.loss import add_noise, dreambooth_loss, min_snr_weights
 def _scheduler(prediction_type="epsilon"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, prediction_type=prediction_type)
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+    )
 
 
 def _alpha_bar() -> torch.Tensor:

@@ -37,8 +37,13 @@ def _sd1_components(tokenizer):
             for name, b in model.named_buffers():
                 if name.endswith("position_ids"):
                     b.copy_(torch.arange(b.shape[-1]).expand_as(b))
-    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                      scheduler=DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler"))
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler"),
+    )
 
 
 def test_an_sd15_shaped_file_loads_exactly_with_the_shipped_configs(tmp_path, tokenizer_dir):

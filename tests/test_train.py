@@ -28,8 +28,9 @@ def test_training_changes_the_unet_and_nothing_frozen(make_config, model_dir, ev
 
 
 def test_text_encoder_trains_when_asked_and_stops_at_its_fraction(make_config, model_dir, events, tiny):
-    config = make_config(max_steps=4, save_every=1, train_text_encoder=True, text_encoder_lr=1e-3,
-                         text_encoder_stop=0.5)
+    config = make_config(
+        max_steps=4, save_every=1, train_text_encoder=True, text_encoder_lr=1e-3, text_encoder_stop=0.5
+    )
     result = run(config, model_dir, events)
     source = _parts(read_tensors(tiny.path))["text_encoder"]
     at = {p.stem.split("_")[-1]: _parts(read_tensors(p))["text_encoder"] for p in result.checkpoints}
@@ -69,8 +70,11 @@ def test_user_class_images_count_towards_the_total(make_config, model_dir, tmp_p
     for i in range(2):
         draw_subject(own / f"c{i}.png", seed=100 + i, colour=(40, 40, 220))
     seen: list[dict] = []
-    run(make_config(max_steps=1, concept={"class_dir": str(own), "num_class_images": 2}), model_dir,
-        Events(on_event=seen.append))
+    run(
+        make_config(max_steps=1, concept={"class_dir": str(own), "num_class_images": 2}),
+        model_dir,
+        Events(on_event=seen.append),
+    )
     assert not (model_dir / "class_images").exists()
     assert not any(e["event"] == "progress" and e["phase"] == "Generating class images" for e in seen)
 
@@ -79,6 +83,7 @@ def _cancel_at(model_dir, step):
     def listener(event):
         if event["event"] == "step" and event["step"] == step:
             (model_dir / CANCEL_FILE).write_text("")
+
     return listener
 
 

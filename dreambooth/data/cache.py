@@ -8,8 +8,8 @@ A random crop makes every step's pixels different, so it turns the latent cache 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, ImageOps
@@ -20,8 +20,17 @@ from .images import fit_square, image_digest, load_image, to_tensor
 class ImageLatents:
     """VAE latents of training images, sampled per step from cached or freshly encoded distributions."""
 
-    def __init__(self, vae, resolution: int, center_crop: bool, use_cache: bool, cache_dir: Path | None,
-                 model_id: str, device: torch.device, min_side: int) -> None:
+    def __init__(
+        self,
+        vae,
+        resolution: int,
+        center_crop: bool,
+        use_cache: bool,
+        cache_dir: Path | None,
+        model_id: str,
+        device: torch.device,
+        min_side: int,
+    ) -> None:
         self.vae = vae
         self.resolution = resolution
         self.center_crop = center_crop
@@ -44,8 +53,9 @@ class ImageLatents:
             self._distributions[(path, flip)] = self._cached_distribution(path, flip)
             progress(done, len(jobs))
 
-    def sample(self, paths: list[Path], flips: list[bool], rng: random.Random,
-               generator: torch.Generator) -> torch.Tensor:
+    def sample(
+        self, paths: list[Path], flips: list[bool], rng: random.Random, generator: torch.Generator
+    ) -> torch.Tensor:
         """One latent per image: mean + std · ε, scaled by the VAE's scaling factor."""
         if self.use_cache:
             dist = torch.stack([self._distributions[(p, f)] for p, f in zip(paths, flips)])
@@ -76,8 +86,11 @@ class ImageLatents:
     def _pixels(self, path: Path, flip: bool, rng: random.Random) -> torch.Tensor:
         if path not in self._images:
             image = load_image(path, self.min_side)
-            self._images[path] = fit_square(image, self.resolution, True, rng) if self.center_crop else \
-                _shorter_side_to(image, self.resolution)
+            self._images[path] = (
+                fit_square(image, self.resolution, True, rng)
+                if self.center_crop
+                else _shorter_side_to(image, self.resolution)
+            )
         image = self._images[path]
         if not self.center_crop:
             image = fit_square(image, self.resolution, False, rng)
@@ -95,8 +108,7 @@ class ImageLatents:
 
 def _shorter_side_to(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(image.size)
-    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                        Image.LANCZOS)
+    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.LANCZOS)
 
 
 class PromptEmbeddings:
@@ -124,6 +136,11 @@ class PromptEmbeddings:
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         self.encodes += 1
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.device))[0]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,9 +35,17 @@ def existing_class_images(concept: Concept, folder: Path) -> list[Path]:
     return paths
 
 
-def generate_class_images(pipeline_factory: Callable[[], object], concept: Concept, folder: Path, count: int,
-                          resolution: int, batch_size: int, device: torch.device,
-                          progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> list[Path]:
+def generate_class_images(
+    pipeline_factory: Callable[[], object],
+    concept: Concept,
+    folder: Path,
+    count: int,
+    resolution: int,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None],
+    cancelled: Callable[[], bool],
+) -> list[Path]:
     """Generate ``count`` images into ``folder``, numbered after those already there; returns the new files."""
     folder.mkdir(parents=True, exist_ok=True)
     first = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS])
@@ -49,9 +57,15 @@ def generate_class_images(pipeline_factory: Callable[[], object], concept: Conce
             break
         numbers = range(first + start, first + min(start + batch_size, count))
         generators = [torch.Generator(device="cpu").manual_seed(concept.class_seed + n) for n in numbers]
-        images = pipeline(prompt=[prompt] * len(numbers), negative_prompt=[concept.class_negative_prompt] * len(numbers),
-                          num_inference_steps=concept.class_infer_steps, guidance_scale=concept.class_guidance_scale,
-                          height=resolution, width=resolution, generator=generators).images
+        images = pipeline(
+            prompt=[prompt] * len(numbers),
+            negative_prompt=[concept.class_negative_prompt] * len(numbers),
+            num_inference_steps=concept.class_infer_steps,
+            guidance_scale=concept.class_guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        ).images
         for n, image in zip(numbers, images):
             made.append(write_atomic(folder / f"{n:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG")))
         progress(start + len(numbers), count)

@@ -25,8 +25,10 @@ class Example:
 
 def instance_examples(concept: Concept) -> list[Example]:
     """The concept's photos with their prompts (``[filewords]`` filled from each photo's caption)."""
-    return [Example(path, expand_prompt(concept.instance_prompt, caption_for(path)))
-            for path in list_images(concept.instance_dir, "instance images")]
+    return [
+        Example(path, expand_prompt(concept.instance_prompt, caption_for(path)))
+        for path in list_images(concept.instance_dir, "instance images")
+    ]
 
 
 def class_examples(concept: Concept, paths: list[Path]) -> list[Example]:
@@ -41,8 +43,9 @@ class DataOrder:
     are all a resume needs.
     """
 
-    def __init__(self, num_instance: int, num_class: int, seed: int, instance_position: int = 0,
-                 class_position: int = 0) -> None:
+    def __init__(
+        self, num_instance: int, num_class: int, seed: int, instance_position: int = 0, class_position: int = 0
+    ) -> None:
         self.num_instance = num_instance
         self.num_class = num_class
         self.seed = seed

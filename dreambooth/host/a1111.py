@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
 from modules import call_queue, devices, paths, script_callbacks, sd_models, shared
 
 from .. import api
@@ -150,6 +149,8 @@ def supervisor() -> Supervisor:
 
 def ui_tabs() -> list[tuple[Any, str, str]]:
     """The DreamBooth tab; when a package it needs is missing, a tab that says which and how to add it."""
+    import gradio as gr
+
     missing = dependencies.missing_requirements()
     if missing:
         with gr.Blocks(analytics_enabled=False) as blocks:
@@ -169,6 +170,8 @@ def app_started(_demo: Any, app: Any) -> None:
 
 def ui_settings() -> None:
     """The "DreamBooth" section of the web UI's settings."""
+    import gradio as gr
+
     shared.opts.add_option("dreambooth_unload_model", shared.OptionInfo(
         True, "Move the web UI's model out of VRAM while DreamBooth trains", section=SETTINGS_SECTION))
     shared.opts.add_option("dreambooth_cancel_timeout", shared.OptionInfo(

@@ -12,8 +12,9 @@ from .load import _load_diffusers_folder, _load_single_file
 SINGLE_FILE_OUTPUTS = (".safetensors", ".ckpt")
 
 
-def convert(source: Path, destination: Path, dtype: str = "fp16", tokenizer_dir: str = "",
-            config_dir: str = "") -> Path:
+def convert(
+    source: Path, destination: Path, dtype: str = "fp16", tokenizer_dir: str = "", config_dir: str = ""
+) -> Path:
     """Convert between the two layouts; the direction follows from what ``source`` and ``destination`` are."""
     if destination.exists() and destination.is_file():
         raise ModelFormatError(f"{destination} exists already.", "Pick a new name; nothing was overwritten.")
@@ -31,7 +32,11 @@ def convert(source: Path, destination: Path, dtype: str = "fp16", tokenizer_dir:
                 raise ModelFormatError(f"{destination} must end in .safetensors or .ckpt.")
             loaded = _load_diffusers_folder(source, Path(cache), tokenizer_dir)
             tensors = checkpoint_tensors(loaded.components, None, SAVE_DTYPES[dtype])
-            meta = modelspec(loaded.family, loaded.components.prediction_type,
-                             8 * loaded.components.unet.config.sample_size, destination.stem)
+            meta = modelspec(
+                loaded.family,
+                loaded.components.prediction_type,
+                8 * loaded.components.unet.config.sample_size,
+                destination.stem,
+            )
             return save_checkpoint(destination, tensors, meta)
     raise ModelFormatError(f"{source} does not exist.")

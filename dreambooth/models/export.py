@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -21,23 +22,27 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 ARCHITECTURES = {("sd1", "epsilon"): "stable-diffusion-v1", ("sd1", "v_prediction"): "stable-diffusion-v1/v-prediction"}
 
 
-def checkpoint_tensors(components: Components, extra_tensors: Mapping[str, torch.Tensor] | None = None,
-                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    components: Components, extra_tensors: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Every tensor of the single file: the three models under LDM names (floats cast to ``dtype``), then the
     source's other tensors (noise-schedule buffers) exactly as they were."""
     tensors = {}
     tensors.update(unet_to_ldm(components.unet.state_dict(), components.unet.config))
     tensors.update(vae_to_ldm(components.vae.state_dict(), components.vae.config))
     tensors.update(text_encoder_to_ldm(components.text_encoder.state_dict()))
-    out = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-           for k, v in tensors.items()}
+    out = {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in tensors.items()
+    }
     for key, value in (extra_tensors or {}).items():
         out.setdefault(key, value.contiguous())
     return out
 
 
-def modelspec(family: str, prediction_type: str, resolution: int, title: str,
-              training: Mapping[str, Any] | None = None) -> dict[str, str]:
+def modelspec(
+    family: str, prediction_type: str, resolution: int, title: str, training: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """ModelSpec header fields plus our training summary, all strings as safetensors requires."""
     meta = {
         "modelspec.sai_model_spec": "1.0.0",

@@ -8,7 +8,8 @@ single-file loader, which the tests use as the oracle for this one.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -39,13 +39,16 @@ class LoadedModel:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def load_model(source: str | Path, working_dir: Path, cache_dir: Path, tokenizer_dir: str = "",
-               config_dir: str = "") -> LoadedModel:
+def load_model(
+    source: str | Path, working_dir: Path, cache_dir: Path, tokenizer_dir: str = "", config_dir: str = ""
+) -> LoadedModel:
     """Load ``source`` (single file or diffusers folder), reusing ``working_dir`` when it holds the same source."""
     source = Path(source)
     if not source.exists():
-        raise ModelFormatError(f"Source checkpoint {source} does not exist.",
-                               "Pick a checkpoint the web UI lists, or give the full path to one.")
+        raise ModelFormatError(
+            f"Source checkpoint {source} does not exist.",
+            "Pick a checkpoint the web UI lists, or give the full path to one.",
+        )
     source_id = fingerprint(source)
     stamp = working_dir / "source.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("source_id") == source_id:
@@ -62,8 +65,10 @@ def load_model(source: str | Path, working_dir: Path, cache_dir: Path, tokenizer
     elif source.suffix.lower() in SINGLE_FILE_SUFFIXES:
         loaded = _load_single_file(source, cache_dir, tokenizer_dir, config_dir)
     else:
-        raise ModelFormatError(f"{source} is neither a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) "
-                               "nor a diffusers folder.", "Pick a .safetensors or .ckpt file.")
+        raise ModelFormatError(
+            f"{source} is neither a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a diffusers folder.",
+            "Pick a .safetensors or .ckpt file.",
+        )
     loaded.source_id = source_id
     for model in (loaded.components.unet, loaded.components.vae, loaded.components.text_encoder):
         model.to(torch.float32)  # fp16 files still train with fp32 master weights
@@ -75,8 +80,10 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
     family = detect_family(read_keys(path), path)
     config_folder = Path(config_dir) if config_dir else CONFIGS_DIR / family
     if not (config_folder / "model_index.json").is_file():
-        raise ModelFormatError(f"Model config folder {config_folder} has no model_index.json.",
-                               "Point 'model_config_dir' at a diffusers config folder, or leave it empty.")
+        raise ModelFormatError(
+            f"Model config folder {config_folder} has no model_index.json.",
+            "Point 'model_config_dir' at a diffusers config folder, or leave it empty.",
+        )
     tokenizer = load_clip_tokenizer(find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer"))
     tensors = read_tensors(path)
     extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIXES + DROPPED_PREFIXES)}
@@ -90,9 +97,11 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
     except ModelFormatError:
         raise
     except Exception as exc:  # diffusers' loader raises many types for a file of the wrong shape
-        raise ModelFormatError(f"{path} could not be loaded as {family.upper()} with the configs in {config_folder} "
-                               f"({type(exc).__name__}: {exc}).",
-                               "If it is a model of an unusual shape, set 'model_config_dir' to its diffusers config folder.") from None
+        raise ModelFormatError(
+            f"{path} could not be loaded as {family.upper()} with the configs in {config_folder} "
+            f"({type(exc).__name__}: {exc}).",
+            "If it is a model of an unusual shape, set 'model_config_dir' to its diffusers config folder.",
+        ) from None
     finally:
         if readable != path:
             readable.unlink(missing_ok=True)
@@ -103,10 +112,21 @@ def _from_single_file(path: Path, config_folder: Path, tokenizer) -> Components:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config_folder), local_files_only=True, tokenizer=tokenizer,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tokenizer,
-                      scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+        str(path),
+        config=str(config_folder),
+        local_files_only=True,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return Components(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+    )
 
 
 def _load_diffusers_folder(folder: Path, cache_dir: Path, tokenizer_dir: str) -> LoadedModel:
@@ -115,14 +135,18 @@ def _load_diffusers_folder(folder: Path, cache_dir: Path, tokenizer_dir: str) ->
 
     missing = [name for name in ("unet", "vae", "text_encoder", "scheduler") if not (folder / name).is_dir()]
     if missing:
-        raise ModelFormatError(f"{folder} is not a diffusers Stable Diffusion folder (no {', '.join(missing)}).",
-                               "Pick the folder that holds model_index.json, or a single .safetensors file.")
+        raise ModelFormatError(
+            f"{folder} is not a diffusers Stable Diffusion folder (no {', '.join(missing)}).",
+            "Pick the folder that holds model_index.json, or a single .safetensors file.",
+        )
     if (folder / "text_encoder_2").is_dir():
         raise ModelFormatError(f"{folder} is an SDXL model; SDXL is not supported yet.", "Pick an SD 1.x model.")
     text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
     if text_config.get("hidden_act") == "gelu":
-        raise ModelFormatError(f"{folder} is an SD 2.x model (OpenCLIP text encoder); SD 2.x is not supported yet.",
-                               "Pick an SD 1.x model.")
+        raise ModelFormatError(
+            f"{folder} is an SD 2.x model (OpenCLIP text encoder); SD 2.x is not supported yet.",
+            "Pick an SD 1.x model.",
+        )
     tokenizer_folder = folder / "tokenizer"
     if tokenizer_dir or not (tokenizer_folder / "vocab.json").is_file():
         tokenizer_folder = find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer")
@@ -134,8 +158,10 @@ def _load_diffusers_folder(folder: Path, cache_dir: Path, tokenizer_dir: str) ->
         scheduler=DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True),
     )
     if components.unet.config.cross_attention_dim != components.text_encoder.config.hidden_size:
-        raise ModelFormatError(f"{folder}: the UNet's cross-attention width does not match the text encoder.",
-                               "This is not an SD 1.x model we can train.")
+        raise ModelFormatError(
+            f"{folder}: the UNet's cross-attention width does not match the text encoder.",
+            "This is not an SD 1.x model we can train.",
+        )
     return LoadedModel(components=components, family="sd1", source_id="")
 
 

@@ -69,9 +69,15 @@ class _Stub:
 
 class _StubbingUnpickler(pickle.Unpickler):
     _STUBBED = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
-    _ALLOWED = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
-                ("torch._utils", "_rebuild_parameter"), ("builtins", "set"), ("numpy.core.multiarray", "scalar"),
-                ("numpy", "dtype"), ("_codecs", "encode")}
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("builtins", "set"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith(self._STUBBED):
@@ -93,8 +99,10 @@ def _load_with_stubs(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         if "refusing to load" not in str(exc):
             raise _not_a_checkpoint(path, exc) from None
-        raise ModelFormatError(f"{path} holds code that is not a model's weights ({exc}).",
-                               "Use a .safetensors version of this checkpoint.") from None
+        raise ModelFormatError(
+            f"{path} holds code that is not a model's weights ({exc}).",
+            "Use a .safetensors version of this checkpoint.",
+        ) from None
     except Exception as exc:
         raise _not_a_checkpoint(path, exc) from None
 
@@ -105,21 +113,33 @@ def detect_family(keys: list[str], path: Path) -> str:
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
         raise ModelFormatError(f"{path} is a LoRA, not a full checkpoint.", "Pick a full Stable Diffusion checkpoint.")
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelFormatError(f"{path} is an SDXL checkpoint; SDXL is not supported yet.", "Pick an SD 1.x checkpoint.")
+        raise ModelFormatError(
+            f"{path} is an SDXL checkpoint; SDXL is not supported yet.", "Pick an SD 1.x checkpoint."
+        )
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ModelFormatError(f"{path} is an SD 2.x checkpoint; SD 2.x is not supported yet.",
-                               "Pick an SD 1.x checkpoint.")
+        raise ModelFormatError(
+            f"{path} is an SD 2.x checkpoint; SD 2.x is not supported yet.", "Pick an SD 1.x checkpoint."
+        )
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-            raise ModelFormatError(f"{path} holds a diffusers UNet alone, not a whole model.",
-                                   "Pick the diffusers folder that holds it (with model_index.json), or a single file.")
-        raise ModelFormatError(f"{path} is not a Stable Diffusion checkpoint (no UNet weights in it).",
-                               "Pick a checkpoint from the web UI's models/Stable-diffusion folder.")
-    missing = [name for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_ENCODER_PREFIX))
-               if not any(k.startswith(prefix) for k in keyset)]
+            raise ModelFormatError(
+                f"{path} holds a diffusers UNet alone, not a whole model.",
+                "Pick the diffusers folder that holds it (with model_index.json), or a single file.",
+            )
+        raise ModelFormatError(
+            f"{path} is not a Stable Diffusion checkpoint (no UNet weights in it).",
+            "Pick a checkpoint from the web UI's models/Stable-diffusion folder.",
+        )
+    missing = [
+        name
+        for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_ENCODER_PREFIX))
+        if not any(k.startswith(prefix) for k in keyset)
+    ]
     if missing:
-        raise ModelFormatError(f"{path} has no {' and no '.join(missing)} weights.",
-                               "Pick a complete checkpoint (UNet, VAE and text encoder in one file).")
+        raise ModelFormatError(
+            f"{path} has no {' and no '.join(missing)} weights.",
+            "Pick a complete checkpoint (UNet, VAE and text encoder in one file).",
+        )
     return "sd1"
 
 
@@ -141,5 +161,7 @@ def fingerprint(path: Path) -> str:
 def _not_a_checkpoint(path: Path, exc: BaseException) -> ModelFormatError:
     if path.exists() and path.stat().st_size == 0:
         return ModelFormatError(f"{path} is empty (0 bytes).", "The download was probably interrupted: get it again.")
-    return ModelFormatError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}).",
-                            "Pick a .safetensors or .ckpt Stable Diffusion model; if it was downloaded, get it again.")
+    return ModelFormatError(
+        f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}).",
+        "Pick a .safetensors or .ckpt Stable Diffusion model; if it was downloaded, get it again.",
+    )

@@ -26,8 +26,10 @@ def find_tokenizer_dir(user_dir: str | os.PathLike[str] | None, cache_dir: Path)
     if user_dir:
         folder = Path(user_dir)
         if not _has_tokenizer(folder):
-            raise ModelFormatError(f"Tokenizer folder {folder} has no vocab.json and merges.txt.",
-                                   "Point 'tokenizer_dir' at a CLIP tokenizer folder, or leave it empty.")
+            raise ModelFormatError(
+                f"Tokenizer folder {folder} has no vocab.json and merges.txt.",
+                "Point 'tokenizer_dir' at a CLIP tokenizer folder, or leave it empty.",
+            )
         return folder
     for folder in _hub_cache_candidates():
         if _has_tokenizer(folder):
@@ -40,7 +42,8 @@ def find_tokenizer_dir(user_dir: str | os.PathLike[str] | None, cache_dir: Path)
             "No CLIP tokenizer was found: not in 'tokenizer_dir', not in the Hugging Face cache, and open_clip_torch "
             "is not installed.",
             "Install open_clip_torch (`pip install --no-deps open_clip_torch`), or set 'tokenizer_dir' to a folder "
-            "with vocab.json and merges.txt of openai/clip-vit-large-patch14.")
+            "with vocab.json and merges.txt of openai/clip-vit-large-patch14.",
+        )
     write_clip_tokenizer(bpe, cache_dir)
     return cache_dir
 
@@ -50,8 +53,14 @@ def load_clip_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(
-        str(folder), local_files_only=True, model_max_length=77, bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+        str(folder),
+        local_files_only=True,
+        model_max_length=77,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
 def open_clip_vocabulary() -> Path | None:
@@ -80,7 +89,9 @@ def write_clip_tokenizer(bpe_gz: Path, folder: Path) -> None:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):

@@ -10,9 +10,9 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -84,16 +84,27 @@ def train(run: Run) -> Outcome:
         step = snapshot.step
         order = DataOrder(len(run.instance), len(run.classes), cfg.seed, **snapshot.data_order)
     elif snapshot is not None:
-        run.events.emit("warning", message=f"The resume point {snapshot.folder.name} belongs to other settings "
-                                           "(model, steps or trained parts changed); starting from step 0.")
-    run.events.emit("started", model=cfg.model_name, total_steps=run.total_steps, resumed_from=step,
-                    device=str(run.device), precision=str(run.autocast_dtype or torch.float32).removeprefix("torch."),
-                    optimizer=type(optimizer).__name__, attention=_attention_kernel(unet),
-                    gradient_checkpointing=bool(unet.is_gradient_checkpointing))
+        run.events.emit(
+            "warning",
+            message=f"The resume point {snapshot.folder.name} belongs to other settings "
+            "(model, steps or trained parts changed); starting from step 0.",
+        )
+    run.events.emit(
+        "started",
+        model=cfg.model_name,
+        total_steps=run.total_steps,
+        resumed_from=step,
+        device=str(run.device),
+        precision=str(run.autocast_dtype or torch.float32).removeprefix("torch."),
+        optimizer=type(optimizer).__name__,
+        attention=_attention_kernel(unet),
+        gradient_checkpointing=bool(unet.is_gradient_checkpointing),
+    )
 
     scaler = _grad_scaler(run)
-    autocast = (torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
+    )
     te_stop_step = math.ceil(cfg.text_encoder_stop * run.total_steps)
     outcome = Outcome(step=step, cancelled=False)
     params = [p for g in groups for p in g["params"]]
@@ -114,8 +125,13 @@ def train(run: Run) -> Outcome:
             noised = add_noise(latents, scheduler, generator, cfg.offset_noise)
             with autocast:
                 prediction = unet(noised.noisy_latents, noised.timesteps, conditioning).sample
-            weights = (min_snr_weights(noised.timesteps, scheduler.alphas_cumprod, cfg.min_snr_gamma,
-                                       scheduler.config.prediction_type) if cfg.min_snr_gamma else None)
+            weights = (
+                min_snr_weights(
+                    noised.timesteps, scheduler.alphas_cumprod, cfg.min_snr_gamma, scheduler.config.prediction_type
+                )
+                if cfg.min_snr_gamma
+                else None
+            )
             loss = dreambooth_loss(prediction, noised.target, len(instance_ids), cfg.prior_loss_weight, weights)
             scaled = loss.total / cfg.gradient_accumulation
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -136,9 +152,16 @@ def train(run: Run) -> Outcome:
         outcome.losses.append(loss_value)
         elapsed = time.perf_counter() - started
         rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
-        run.events.emit("step", step=step, total=run.total_steps, loss=loss_value,
-                        lr=lr_scheduler.get_last_lr()[0], it_per_s=rate,
-                        eta_s=(run.total_steps - step) / rate if rate else None, memory_mb=_memory_mb(run.device))
+        run.events.emit(
+            "step",
+            step=step,
+            total=run.total_steps,
+            loss=loss_value,
+            lr=lr_scheduler.get_last_lr()[0],
+            it_per_s=rate,
+            eta_s=(run.total_steps - step) / rate if rate else None,
+            memory_mb=_memory_mb(run.device),
+        )
 
         if (cfg.save_every and step % cfg.save_every == 0) or step == run.total_steps:
             outcome.checkpoints.append(run.save_checkpoint(step))
@@ -146,8 +169,9 @@ def train(run: Run) -> Outcome:
             run.events.emit("sample", step=step, paths=[str(p) for p in run.render_samples(step)])
         cancel = run.cancel_requested()
         if (cfg.state_every and step % cfg.state_every == 0) or (cancel and step < run.total_steps):
-            path = save_snapshot(run.state_dir, step, models, optimizer, lr_scheduler, order.state(),
-                                 run.fingerprint, cfg.keep_states)
+            path = save_snapshot(
+                run.state_dir, step, models, optimizer, lr_scheduler, order.state(), run.fingerprint, cfg.keep_states
+            )
             run.events.emit("state_saved", step=step, path=str(path))
         if cancel:
             outcome.cancelled = step < run.total_steps

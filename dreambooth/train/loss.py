@@ -31,10 +31,12 @@ def add_noise(latents: torch.Tensor, scheduler, generator: torch.Generator, offs
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
     if offset_noise:
-        noise = noise + offset_noise * torch.randn((batch, channels, 1, 1), generator=generator,
-                                                   device=generator.device, dtype=torch.float32)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
-                              device=generator.device)
+        noise = noise + offset_noise * torch.randn(
+            (batch, channels, 1, 1), generator=generator, device=generator.device, dtype=torch.float32
+        )
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=generator.device
+    )
     noise = noise.to(latents.device)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -48,8 +50,9 @@ def add_noise(latents: torch.Tensor, scheduler, generator: torch.Generator, offs
     return Noised(noisy_latents=noisy, timesteps=timesteps, target=target)
 
 
-def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
+def min_snr_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Min-SNR-γ weights (Hang et al., 2023), one per sample, from that sample's timestep."""
     alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alpha_bar / (1.0 - alpha_bar)
@@ -66,8 +69,13 @@ class LossParts:
     prior: torch.Tensor
 
 
-def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int,
-                    prior_loss_weight: float, weights: torch.Tensor | None = None) -> LossParts:
+def dreambooth_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    num_instance: int,
+    prior_loss_weight: float,
+    weights: torch.Tensor | None = None,
+) -> LossParts:
     """Instance MSE + ``prior_loss_weight`` × class MSE.
 
     The batch holds ``num_instance`` instance samples first, then the class samples; each sample's squared

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -15,21 +15,39 @@ def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
     (each ``{"params": [...], "lr": float}``)."""
     if config.optimizer == "adamw":
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_epsilon, weight_decay=config.weight_decay,
-                                 **({"fused": True} if on_cuda else {}))
+        return torch.optim.AdamW(
+            groups,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+            **({"fused": True} if on_cuda else {}),
+        )
     if config.optimizer == "adamw_8bit":
         bnb = bitsandbytes_or_none()
         if bnb is None:
-            raise ConfigError("'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
-                              "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor.")
-        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
+            raise ConfigError(
+                "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
+                "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor.",
+            )
+        return bnb.optim.AdamW8bit(
+            groups,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
     if config.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(groups, lr=config.learning_rate, scale_parameter=False, relative_step=False,
-                         warmup_init=False, weight_decay=config.weight_decay)
+        return Adafactor(
+            groups,
+            lr=config.learning_rate,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=config.weight_decay,
+        )
     raise ConfigError(f"Unknown optimizer {config.optimizer!r}.")
 
 
@@ -46,8 +64,14 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, to
     """diffusers' schedule of the configured shape over ``total_steps`` optimizer steps."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                         num_training_steps=total_steps, num_cycles=config.lr_cycles, power=config.lr_power)
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=config.lr_cycles,
+        power=config.lr_power,
+    )
 
 
 def trainable(parameters: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

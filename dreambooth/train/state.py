@@ -27,8 +27,16 @@ class Snapshot:
     folder: Path
 
 
-def save_snapshot(state_dir: Path, step: int, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                  data_order: dict[str, int], fingerprint: dict[str, Any], keep: int) -> Path:
+def save_snapshot(
+    state_dir: Path,
+    step: int,
+    models: dict[str, torch.nn.Module],
+    optimizer,
+    lr_scheduler,
+    data_order: dict[str, int],
+    fingerprint: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write ``state_dir/step_<step>`` and keep only the newest ``keep`` snapshots."""
     from safetensors.torch import save_file
 
@@ -40,10 +48,13 @@ def save_snapshot(state_dir: Path, step: int, models: dict[str, torch.nn.Module]
         for name, model in models.items():
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             save_file(tensors, str(temp / f"{name}.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "rng": _rng_states()}, str(temp / "training.pt"))
-        (temp / "state.json").write_text(json.dumps(
-            {"step": step, "data_order": data_order, "fingerprint": fingerprint}, indent=2))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_states()},
+            str(temp / "training.pt"),
+        )
+        (temp / "state.json").write_text(
+            json.dumps({"step": step, "data_order": data_order, "fingerprint": fingerprint}, indent=2)
+        )
         shutil.rmtree(final, ignore_errors=True)
         temp.rename(final)
     except BaseException:
@@ -58,8 +69,9 @@ def list_snapshots(state_dir: Path) -> list[Path]:
     """Complete snapshots, oldest first."""
     if not state_dir.is_dir():
         return []
-    return sorted(p for p in state_dir.iterdir()
-                  if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file())
+    return sorted(
+        p for p in state_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()
+    )
 
 
 def latest_snapshot(state_dir: Path) -> Snapshot | None:
@@ -85,7 +97,11 @@ def restore_snapshot(snapshot: Snapshot, models: dict[str, torch.nn.Module], opt
 
 
 def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states

@@ -18,7 +18,8 @@ _HIGH_MASK = -65536  # 0xFFFF0000 as a signed int32
 def stochastic_round_to_bf16(source: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``source`` (fp32) rounded stochastically to bf16; same shape and device."""
     source = source.to(torch.float32)
-    noise = torch.randint(0, _LOW_BITS, source.shape, dtype=torch.int32, device=source.device, generator=generator)
+    extra = {} if generator is None else {"generator": generator}  # torch.compile refuses generator=None
+    noise = torch.randint(0, _LOW_BITS, source.shape, dtype=torch.int32, device=source.device, **extra)
     bits = source.contiguous().view(torch.int32) + noise
     return bits.bitwise_and_(_HIGH_MASK).view(torch.float32).to(torch.bfloat16)
 
