@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from dreambooth.train.speed.adamw import FlatAdamW
 from dreambooth.train.speed.flat import FlatParameters
-from dreambooth.train.speed.layout import compile_blocks, to_channels_last
+from dreambooth.train.speed.layout import compile_blocks, graph_denoiser, to_channels_last
 
 
 def timed(fn, repeat: int) -> float:
@@ -53,6 +53,12 @@ def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool) ->
     t = torch.randint(0, 1000, (n,), device="cuda")
     c = torch.randn(n, 77, 768, device="cuda", dtype=torch.bfloat16)
 
+    if variant == "graphed":
+        graphed = graph_denoiser(unet, x, t, c)
+
+        def model(x, t, c, return_dict=False):
+            return (graphed(x, t, c),)
+
     def step():
         out = model(x, t, c, return_dict=False)[0]
         out.float().square().mean().backward()
@@ -64,9 +70,9 @@ def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool) ->
     timed(step, 3)
     ms = timed(step, 15)
     ips = n / ms * 1e3
+    peak = torch.cuda.max_memory_allocated() / 1e9
     print(f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}: first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
-          f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB",
-          flush=True)
+          f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB", flush=True)
 
 
 def optim_cases(model_dir: Path) -> None:
@@ -111,8 +117,8 @@ def optim_cases(model_dir: Path) -> None:
         first = timed(step, 1) / 1e3
         ms = timed(step, 10)
         torch.cuda.empty_cache()
-        print(f"optimizer {name}: first {first:.1f} s, step {ms:.2f} ms, memory {torch.cuda.memory_allocated() / 1e9:.1f} GB",
-              flush=True)
+        memory = torch.cuda.memory_allocated() / 1e9
+        print(f"optimizer {name}: first {first:.1f} s, step {ms:.2f} ms, memory {memory:.1f} GB", flush=True)
 
 
 def main() -> None:
@@ -120,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=Path("/tmp/dreambooth-bench/sd15"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1])
-    ap.add_argument("--unet", nargs="*", default=["eager", "blocks"])
+    ap.add_argument("--unet", nargs="*", default=["eager", "graphed"])
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--optim", action="store_true")
     a = ap.parse_args()

@@ -34,24 +34,25 @@ REFERENCE_MODES = {
     "bf16-b1": ["--mixed_precision", "bf16", "--train_batch_size", "1"],
     "bf16-b8": ["--mixed_precision", "bf16", "--train_batch_size", "8"],
     "bf16-b16": ["--mixed_precision", "bf16", "--train_batch_size", "16"],
-    "lowmem-b1": ["--mixed_precision", "fp16", "--use_8bit_adam", "--gradient_checkpointing", "--train_batch_size", "1"],
+    "lowmem-b1": ["--mixed_precision", "fp16", "--use_8bit_adam", "--gradient_checkpointing",
+                  "--train_batch_size", "1"],
 }
 OURS_LIKE_MODES = {
     "speed-b1": ["--batch", "1"],
+    "speed-b1-graph": ["--batch", "1", "--graph"],
     "speed-b8": ["--batch", "8"],
-    "speed-b16": ["--batch", "16"],
-    "speed-b32": ["--batch", "32"],
-    "speed-b1-eager": ["--batch", "1", "--compile", "off"],
-    "speed-b1-blocks": ["--batch", "1", "--compile-scope", "blocks"],
-    "speed-b8-blocks": ["--batch", "8", "--compile-scope", "blocks"],
-    "speed-b1-cudagraphs": ["--batch", "1", "--compile", "reduce-overhead"],
+    "speed-b8-graph": ["--batch", "8", "--graph"],
+    "speed-b16-graph": ["--batch", "16", "--graph"],
+    "speed-b32-graph": ["--batch", "32", "--graph"],
+    "speed-b1-eager-optimizer": ["--batch", "1", "--no-optim-compile"],
     "speed-b1-fp32-torchfused": ["--batch", "1", "--weights", "fp32-autocast", "--optimizer", "torch-fused"],
     "speed-b1-nchw": ["--batch", "1", "--no-channels-last"],
     "speed-b1-bf16state": ["--batch", "1", "--state-dtype", "bf16"],
-    "speed-b8-fused-bwd": ["--batch", "8", "--fused-backward"],
-    "lowmem-b1": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--checkpointing", "--compile", "off"],
-    "lowmem-b1-nockpt": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--compile", "off"],
-    "lowmem-b1-compiled": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--checkpointing"],
+    "speed-b1-compiled": ["--batch", "1", "--compile", "default"],
+    "speed-b1-blocks": ["--batch", "1", "--compile", "default", "--compile-scope", "blocks"],
+    "lowmem-b1": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--checkpointing"],
+    "lowmem-b1-nockpt": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward"],
+    "lowmem-b1-graph": ["--batch", "1", "--optimizer", "adamw8bit", "--checkpointing", "--graph"],
 }
 RUNNERS = {"reference": REFERENCE_MODES, "ours-like": OURS_LIKE_MODES}
 PAIRS = [("speed b1", "reference:bf16-b1", ["ours-like:speed-b1", "engine:speed-b1"]),
@@ -149,8 +150,9 @@ def table(rows: list[dict], env: dict) -> str:
         best = max((r for r in rows if r["run"].startswith(prefix) and "images_per_s" in r),
                    key=lambda r: r["images_per_s"], default=None)
         if ref_best and best:
+            ratio = best["images_per_s"] / ref_best["images_per_s"]
             notes.append(f"- best large batch: {best['run']} {best['images_per_s']} images/s vs {ref_best['run']} "
-                         f"{ref_best['images_per_s']} images/s = **{best['images_per_s'] / ref_best['images_per_s']:.2f}×**")
+                         f"{ref_best['images_per_s']} images/s = **{ratio:.2f}×**")
     envline = ", ".join(f"{k} {v}" for k, v in env.items())
     return f"{envline}\n\n{head}" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 

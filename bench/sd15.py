@@ -44,7 +44,8 @@ def build_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
                                                        if k != "architectures"}))
     scheduler_config = json.loads((SD1_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
     scheduler = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
-    tokenizer = CLIPTokenizer(vocab_file=str(tokenizer_dir / "vocab.json"), merges_file=str(tokenizer_dir / "merges.txt"),
+    tokenizer = CLIPTokenizer(vocab_file=str(tokenizer_dir / "vocab.json"),
+                              merges_file=str(tokenizer_dir / "merges.txt"),
                               bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                               pad_token="<|endoftext|>", model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
