@@ -22,8 +22,14 @@ from safetensors import safe_open
 from dreambooth.ui.app import launch
 
 CHROMIUM = os.environ.get("DREAMBOOTH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -102,8 +108,9 @@ def wait_for_state(page: Page, states: set[str], timeout: float = 60) -> dict[st
         if now["state"] in states:
             return now
         page.wait_for_timeout(200)
-    raise AssertionError(f"progress never reached {states}: {progress(page)}; "
-                         f"{page.locator('#dreambooth_progress').inner_text()}")
+    raise AssertionError(
+        f"progress never reached {states}: {progress(page)}; {page.locator('#dreambooth_progress').inner_text()}"
+    )
 
 
 def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tokenizer_dir) -> None:

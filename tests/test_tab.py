@@ -39,8 +39,14 @@ def models(tmp_path: Path) -> Path:
 @pytest.fixture
 def tab(models: Path, tmp_path: Path) -> DreamBoothTab:
     host = RecordingHost(models)
-    supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion",
-                            launcher=write_fake_engine(tmp_path), cancel_timeout=5.0, poll_interval=0.02)
+    supervisor = Supervisor(
+        host,
+        models / "dreambooth",
+        models / "Stable-diffusion",
+        launcher=write_fake_engine(tmp_path),
+        cancel_timeout=5.0,
+        poll_interval=0.02,
+    )
     blocks = build_tab(supervisor, host)
     return blocks.dreambooth_tab
 
@@ -66,11 +72,15 @@ def different_value(spec, rng: random.Random, available: dict[str, dict[str, str
 def non_default_config(concepts: int = 2) -> TrainConfig:
     rng = random.Random(0)
     missing = unavailable_choices()
-    data = {spec.name: different_value(spec, rng, missing) for spec in option_specs(TrainConfig)
-            if spec.name not in ("concepts", "version")}
+    data = {
+        spec.name: different_value(spec, rng, missing)
+        for spec in option_specs(TrainConfig)
+        if spec.name not in ("concepts", "version")
+    }
     data["model_name"] = "zwx-model"
-    data["concepts"] = [{spec.name: different_value(spec, rng, missing) for spec in option_specs(Concept)}
-                        for _ in range(concepts)]
+    data["concepts"] = [
+        {spec.name: different_value(spec, rng, missing) for spec in option_specs(Concept)} for _ in range(concepts)
+    ]
     config = TrainConfig.from_dict(data)
     for spec in option_specs(TrainConfig):
         if spec.name not in ("concepts", "version"):
@@ -112,8 +122,9 @@ def test_options_are_grouped_in_panels_named_after_their_group(tab: DreamBoothTa
     assert {f"Concept {i + 1}" for i in range(MAX_CONCEPTS)} <= set(accordions)
 
 
-def test_a_missing_optional_package_disables_its_choice_with_the_reason(monkeypatch: pytest.MonkeyPatch,
-                                                                        models: Path, tmp_path: Path) -> None:
+def test_a_missing_optional_package_disables_its_choice_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, models: Path, tmp_path: Path
+) -> None:
     missing = unavailable_choices(installed=lambda package: package != "bitsandbytes")
     assert list(missing) == ["optimizer"] and "bitsandbytes is not installed" in missing["optimizer"]["adamw_8bit"]
     monkeypatch.setattr("dreambooth.ui.tab.unavailable_choices", lambda: missing)
@@ -176,7 +187,7 @@ def test_create_open_save_and_reload_restore_the_form_from_config_json(tab: Drea
     assert "base.safetensors" in tab.list_sources()["choices"]
     filled = tab.create_model("zwx", "base.safetensors")
     assert "Created **zwx**" in filled[-1]
-    values = filled[1:1 + len(tab.fields)]
+    values = filled[1 : 1 + len(tab.fields)]
     assert values[tab._index("model_name")] == "zwx"
     assert values[tab._index("source_checkpoint")] == str(models / "Stable-diffusion" / "base.safetensors")
     values[tab._index("max_steps")] = 7
@@ -186,16 +197,17 @@ def test_create_open_save_and_reload_restore_the_form_from_config_json(tab: Drea
     assert config.max_steps == 7 and config.concepts[0].instance_prompt == "photo of zwx dog"
 
     restored = tab.restore()  # what a page reload shows
-    assert restored[1:1 + len(tab.fields)] == config_to_values(config, tab.fields)[0]
+    assert restored[1 : 1 + len(tab.fields)] == config_to_values(config, tab.fields)[0]
     assert restored[-1] == "idle"
     assert "not allowed" in tab.create_model("../evil", "base.safetensors")[-1]
 
 
-def test_train_polls_progress_lists_checkpoints_and_refuses_a_second_start(tab: DreamBoothTab,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_polls_progress_lists_checkpoints_and_refuses_a_second_start(
+    tab: DreamBoothTab, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_ENGINE_DELAY", "0.1")  # slow enough that the second start meets the first run
     filled = tab.create_model("zwx", "base.safetensors")
-    values = filled[1:1 + len(tab.fields)]
+    values = filled[1 : 1 + len(tab.fields)]
     values[tab._index("concepts[0].instance_dir")] = "photos"
     values[tab._index("concepts[0].instance_prompt")] = "photo of zwx dog"
     values[tab._index("concepts[0].class_prompt")] = "photo of a dog"
@@ -223,11 +235,33 @@ def test_plot_and_progress_show_the_numbers() -> None:
     svg = loss_lr_svg(history)
     assert svg.count("<polyline") == 2 and 'data-points="5"' in svg and "step 5" in svg
     assert "No training steps yet" in loss_lr_svg([])
-    status = SimpleNamespace(running=True, model="zwx", step=3, total=10, loss=0.1234, lr=2e-6, it_per_s=2.5,
-                                eta_s=2.8, memory_mb=1234.0, message="Training", last_checkpoint=None,
-                                error=None, cancelled=False, finished=False, warnings=["<careful>"])
+    status = SimpleNamespace(
+        running=True,
+        model="zwx",
+        step=3,
+        total=10,
+        loss=0.1234,
+        lr=2e-6,
+        it_per_s=2.5,
+        eta_s=2.8,
+        memory_mb=1234.0,
+        message="Training",
+        last_checkpoint=None,
+        error=None,
+        cancelled=False,
+        finished=False,
+        warnings=["<careful>"],
+    )
     html = progress_html(status)
-    for text in ("step 3/10", "loss 0.1234", "2.50 it/s", "ETA 0:02", "VRAM 1,234 MB", 'width:30.0%', "&lt;careful&gt;"):
+    for text in (
+        "step 3/10",
+        "loss 0.1234",
+        "2.50 it/s",
+        "ETA 0:02",
+        "VRAM 1,234 MB",
+        "width:30.0%",
+        "&lt;careful&gt;",
+    ):
         assert text in html
 
 

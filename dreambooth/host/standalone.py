@@ -38,7 +38,9 @@ class StandaloneHost:
         """Re-scan ``<models>/Stable-diffusion``."""
         found: dict[str, Path] = {}
         if self.checkpoints_dir.is_dir():
-            files = (p for p in self.checkpoints_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+            files = (
+                p for p in self.checkpoints_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()
+            )
             for path in sorted(files, key=lambda p: p.relative_to(self.checkpoints_dir).as_posix().lower()):
                 found[path.relative_to(self.checkpoints_dir).as_posix()] = path
         with self._lock:

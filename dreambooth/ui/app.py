@@ -24,8 +24,15 @@ def launch(models_dir: Path, host: str = "127.0.0.1", port: int = 7861, auth: st
     blocks = build_tab(supervisor, web_host, standalone=True)
     credentials = parse_credentials(auth)
     blocks.queue()
-    app, _, _ = blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_error=True, quiet=True,
-                  auth=list(credentials.items()) if credentials else None, allowed_paths=[str(models_dir)])
+    app, _, _ = blocks.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=True,
+        show_error=True,
+        quiet=True,
+        auth=list(credentials.items()) if credentials else None,
+        allowed_paths=[str(models_dir)],
+    )
     mount(app, supervisor, credentials)
     blocks.dreambooth_supervisor = supervisor  # type: ignore[attr-defined]
     return blocks

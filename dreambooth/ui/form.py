@@ -59,8 +59,10 @@ def from_widget(spec: OptionSpec, value: Any) -> Any:
 def config_to_values(config: TrainConfig, fields: Sequence[Field]) -> tuple[list[Any], int]:
     """The components' values for ``config`` (empty slots get defaults) and how many concept slots it uses."""
     if len(config.concepts) > MAX_CONCEPTS:
-        raise ConfigError(f"Model {config.model_name!r} has {len(config.concepts)} concepts; the tab shows "
-                          f"up to {MAX_CONCEPTS}.", "Edit its config.json directly, or train it from the command line.")
+        raise ConfigError(
+            f"Model {config.model_name!r} has {len(config.concepts)} concepts; the tab shows up to {MAX_CONCEPTS}.",
+            "Edit its config.json directly, or train it from the command line.",
+        )
     data = config.to_dict()
     values = []
     for f in fields:

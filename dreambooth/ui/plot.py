@@ -18,8 +18,9 @@ def _scale(values: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def _points(steps: Sequence[int], values: Sequence[float], x_range: tuple[float, float],
-            y_range: tuple[float, float]) -> str:
+def _points(
+    steps: Sequence[int], values: Sequence[float], x_range: tuple[float, float], y_range: tuple[float, float]
+) -> str:
     (x0, x1), (y0, y1) = x_range, y_range
     inner_w, inner_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     out = []
@@ -36,11 +37,17 @@ def _number(value: float) -> str:
 
 def loss_lr_svg(history: Sequence[dict[str, Any]]) -> str:
     """An SVG of loss (left axis) and learning rate (right axis) against the step, for ``RunStatus.history``."""
-    loss = [(int(p["step"]), float(p["loss"])) for p in history if p.get("loss") is not None and math.isfinite(p["loss"])]
+    loss = [
+        (int(p["step"]), float(p["loss"])) for p in history if p.get("loss") is not None and math.isfinite(p["loss"])
+    ]
     lr = [(int(p["step"]), float(p["lr"])) for p in history if p.get("lr") is not None and math.isfinite(p["lr"])]
-    parts = [(f'<svg id="dreambooth_plot_svg" class="dreambooth-plot" viewBox="0 0 {WIDTH} {HEIGHT}" '
-             f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="loss and learning rate" '
-             f'data-points="{len(loss)}">')]
+    parts = [
+        (
+            f'<svg id="dreambooth_plot_svg" class="dreambooth-plot" viewBox="0 0 {WIDTH} {HEIGHT}" '
+            f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="loss and learning rate" '
+            f'data-points="{len(loss)}">'
+        )
+    ]
     bottom, right = HEIGHT - BOTTOM, WIDTH - RIGHT
     parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{right - LEFT}" height="{bottom - TOP}" class="frame"/>')
     if not loss and not lr:
@@ -54,8 +61,12 @@ def loss_lr_svg(history: Sequence[dict[str, Any]]) -> str:
         steps, values = zip(*series)
         y_range = _scale(values)
         parts.append(f'<polyline class="{css}" fill="none" points="{_points(steps, values, x_range, y_range)}"/>')
-        parts.append(f'<text class="{css}" x="{x_text}" y="{TOP + 10}" text-anchor="{anchor}">{_number(y_range[1])}</text>')
-        parts.append(f'<text class="{css}" x="{x_text}" y="{bottom}" text-anchor="{anchor}">{_number(y_range[0])}</text>')
+        parts.append(
+            f'<text class="{css}" x="{x_text}" y="{TOP + 10}" text-anchor="{anchor}">{_number(y_range[1])}</text>'
+        )
+        parts.append(
+            f'<text class="{css}" x="{x_text}" y="{bottom}" text-anchor="{anchor}">{_number(y_range[0])}</text>'
+        )
     parts.append(f'<text x="{LEFT}" y="{HEIGHT - 8}">step {x_range[0]}</text>')
     parts.append(f'<text x="{right}" y="{HEIGHT - 8}" text-anchor="end">step {x_range[1]}</text>')
     parts.append(f'<text class="loss" x="{LEFT + 8}" y="{TOP + 14}">loss</text>')

@@ -37,7 +37,7 @@ RUNNING, IDLE = "running", "idle"
 
 
 def element_id(key: str) -> str:
-    """The HTML id of a field's component: ``concepts[1].instance_prompt`` → ``dreambooth_concepts_1_instance_prompt``."""
+    """A field's HTML id: ``concepts[1].instance_prompt`` → ``dreambooth_concepts_1_instance_prompt``."""
     return "dreambooth_" + re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_")
 
 
@@ -52,13 +52,23 @@ def build_component(spec: OptionSpec, elem_id: str, unavailable: dict[str, str] 
         unavailable = unavailable or {}
         choices = [c for c in spec.choices if c not in unavailable]
         if unavailable:
-            common["info"] = spec.help + " Unavailable here: " + "; ".join(
-                f"{choice} ({reason})" for choice, reason in unavailable.items()) + "."
+            common["info"] = (
+                spec.help
+                + " Unavailable here: "
+                + "; ".join(f"{choice} ({reason})" for choice, reason in unavailable.items())
+                + "."
+            )
         return gr.Dropdown(choices=choices, value=spec.default, **common)
     if spec.type in ("int", "float"):
         step = 1 if spec.type == "int" else _step(spec.default)
-        return gr.Number(value=spec.default, precision=0 if spec.type == "int" else None, minimum=spec.minimum,
-                         maximum=spec.maximum, step=step, **common)
+        return gr.Number(
+            value=spec.default,
+            precision=0 if spec.type == "int" else None,
+            minimum=spec.minimum,
+            maximum=spec.maximum,
+            step=step,
+            **common,
+        )
     if spec.type.startswith("list["):
         common["info"] = spec.help + " One a line."
         return gr.Textbox(value="\n".join(spec.default), lines=3, **common)
@@ -111,14 +121,23 @@ class DreamBoothTab:
 
     def _build_model_row(self) -> None:
         with gr.Row():
-            self.model_choice = gr.Dropdown(choices=self.supervisor.list_models(), label="Model",
-                                            info="A model folder with its config.json.", elem_id="dreambooth_model")
+            self.model_choice = gr.Dropdown(
+                choices=self.supervisor.list_models(),
+                label="Model",
+                info="A model folder with its config.json.",
+                elem_id="dreambooth_model",
+            )
             self.refresh_models = gr.Button("🔄", elem_id="dreambooth_refresh_models", scale=0, min_width=40)
             self.open_button = gr.Button("Open", elem_id="dreambooth_open", scale=0, min_width=80)
-            self.new_name = gr.Textbox(label="New model name", elem_id="dreambooth_new_name",
-                                       info="Letters, digits, '.', '_' and '-'.")
-            self.source = gr.Dropdown(choices=self._titles(), label="Source checkpoint",
-                                      info="One of the checkpoints the web UI lists.", elem_id="dreambooth_source")
+            self.new_name = gr.Textbox(
+                label="New model name", elem_id="dreambooth_new_name", info="Letters, digits, '.', '_' and '-'."
+            )
+            self.source = gr.Dropdown(
+                choices=self._titles(),
+                label="Source checkpoint",
+                info="One of the checkpoints the web UI lists.",
+                elem_id="dreambooth_source",
+            )
             self.refresh_sources = gr.Button("🔄", elem_id="dreambooth_refresh_sources", scale=0, min_width=40)
             self.create_button = gr.Button("Create", elem_id="dreambooth_create", scale=0, min_width=80)
 
@@ -126,12 +145,21 @@ class DreamBoothTab:
         self.components: list[Any] = []
         by_key = {}
         specs = option_specs(TrainConfig)
-        self.concept_count = gr.Slider(1, MAX_CONCEPTS, value=1, step=1, label="Concepts",
-                                       info="How many subjects this model learns.", elem_id="dreambooth_concept_count")
+        self.concept_count = gr.Slider(
+            1,
+            MAX_CONCEPTS,
+            value=1,
+            step=1,
+            label="Concepts",
+            info="How many subjects this model learns.",
+            elem_id="dreambooth_concept_count",
+        )
         self.concept_panels = []
         for slot in range(MAX_CONCEPTS):
-            with gr.Column(visible=slot == 0, elem_id=f"dreambooth_concept_{slot}") as panel, \
-                    gr.Accordion(f"Concept {slot + 1}", open=slot == 0):
+            with (
+                gr.Column(visible=slot == 0, elem_id=f"dreambooth_concept_{slot}") as panel,
+                gr.Accordion(f"Concept {slot + 1}", open=slot == 0),
+            ):
                 for field in self.fields:
                     if field.concept == slot:
                         by_key[field.key] = self._component(field)
@@ -161,8 +189,9 @@ class DreamBoothTab:
         self.gallery = gr.Gallery(label="Newest previews", columns=4, elem_id="dreambooth_samples")
         self.checkpoints = gr.Radio(choices=[], label="Saved checkpoints", elem_id="dreambooth_checkpoints")
         self.use_button = gr.Button("Use in txt2img", elem_id="dreambooth_use")
-        self.run_state = gr.Textbox(IDLE, show_label=False, elem_id="dreambooth_run_state",
-                                    elem_classes=["dreambooth-hidden"])
+        self.run_state = gr.Textbox(
+            IDLE, show_label=False, elem_id="dreambooth_run_state", elem_classes=["dreambooth-hidden"]
+        )
         self.poll_button = gr.Button("poll", elem_id="dreambooth_poll", elem_classes=["dreambooth-hidden"])
         self.memo = gr.State({})
 
@@ -177,11 +206,15 @@ class DreamBoothTab:
         self.save_button.click(self.save, form, self.message)
         self.train_button.click(self.train, form, [self.message, self.run_state, self.progress])
         self.cancel_button.click(self.cancel, None, self.message)
-        self.use_button.click(self.use_checkpoint, [self.components[self._index("model_name")], self.checkpoints],
-                              self.message)
-        self.poll_button.click(self.poll, [self.components[self._index("model_name")], self.memo],
-                               [self.progress, self.plot, self.gallery, self.checkpoints, self.run_state, self.memo],
-                               show_progress="hidden")
+        self.use_button.click(
+            self.use_checkpoint, [self.components[self._index("model_name")], self.checkpoints], self.message
+        )
+        self.poll_button.click(
+            self.poll,
+            [self.components[self._index("model_name")], self.memo],
+            [self.progress, self.plot, self.gallery, self.checkpoints, self.run_state, self.memo],
+            show_progress="hidden",
+        )
         self.blocks_load = (self.restore, None, [*filled, self.source, self.run_state])
 
     def _index(self, key: str) -> int:
@@ -327,8 +360,9 @@ class DreamBoothTab:
             value = getattr(config, name)
             if value in missing:
                 default = TrainConfig.__dataclass_fields__[name].default
-                notes.append(f"\n\n⚠ '{name}' was {value!r}, unavailable here ({missing[value]}); "
-                             f"the form shows {default!r}.")
+                notes.append(
+                    f"\n\n⚠ '{name}' was {value!r}, unavailable here ({missing[value]}); the form shows {default!r}."
+                )
                 setattr(config, name, default)
         try:
             values, count = config_to_values(config, self.fields)
@@ -336,13 +370,23 @@ class DreamBoothTab:
             return self._unchanged_fill(_error_text(exc))
         self.current_model = config.model_name
         names = self._checkpoint_names(config.model_name)
-        return [gr.update(choices=self.supervisor.list_models(), value=config.model_name), *values, count,
-                *self.show_concepts(count), gr.update(choices=names, value=names[-1] if names else None),
-                message + "".join(notes)]
+        return [
+            gr.update(choices=self.supervisor.list_models(), value=config.model_name),
+            *values,
+            count,
+            *self.show_concepts(count),
+            gr.update(choices=names, value=names[-1] if names else None),
+            message + "".join(notes),
+        ]
 
     def _unchanged_fill(self, message: str) -> list[Any]:
-        return [gr.update(choices=self.supervisor.list_models()), *([gr.update()] * (len(self.fields) + 1)),
-                *([gr.update()] * MAX_CONCEPTS), gr.update(), message]
+        return [
+            gr.update(choices=self.supervisor.list_models()),
+            *([gr.update()] * (len(self.fields) + 1)),
+            *([gr.update()] * MAX_CONCEPTS),
+            gr.update(),
+            message,
+        ]
 
 
 def _error_text(exc: DreamBoothError) -> str:
