@@ -199,6 +199,8 @@ def test_create_open_save_and_reload_restore_the_form_from_config_json(tab: Drea
     restored = tab.restore()  # what a page reload shows
     assert restored[1 : 1 + len(tab.fields)] == config_to_values(config, tab.fields)[0]
     assert restored[-1] == "idle"
+    tab.current_model = None  # after a restart of the web UI: the model saved last
+    assert tab.restore()[1 : 1 + len(tab.fields)] == config_to_values(config, tab.fields)[0]
     assert "not allowed" in tab.create_model("../evil", "base.safetensors")[-1]
 
 

@@ -333,9 +333,10 @@ class DreamBoothTab:
         return [progress_html(status), loss_lr_svg(status.history), gallery, checkpoints, state, memo]
 
     def restore(self) -> list[Any]:
-        """On page load: the form of the training or last-opened model, the host's checkpoints, the run state."""
+        """On page load: the form of the training, last-opened or last-saved model, the host's checkpoints and
+        the run state."""
         running = self.supervisor.running_model()
-        name = running or self.current_model
+        name = running or self.current_model or self._last_saved_model()
         fill = self._unchanged_fill("")
         if name:
             try:
@@ -345,6 +346,17 @@ class DreamBoothTab:
         return [*fill, gr.update(choices=self._titles()), RUNNING if running else IDLE]
 
     # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _last_saved_model(self) -> str | None:
+        """The model whose config.json changed last (what a page shows after the web UI restarted)."""
+        folder = self.supervisor.dreambooth_dir
+        times = {}
+        for name in self.supervisor.list_models():
+            try:
+                times[name] = (folder / name / "config.json").stat().st_mtime
+            except OSError:
+                continue
+        return max(times, key=times.__getitem__) if times else None
 
     def _checkpoint_names(self, model_name: str | None) -> list[str]:
         if not model_name:
