@@ -1,0 +1,113 @@
+"""The ``.yaml`` that lets the AUTOMATIC1111 web UI build the demo model, and the folder it points at.
+
+The web UI builds SD 1.x models from an LDM config. A yaml beside a checkpoint (same name) wins over its
+guess. The stock text encoder class, ``ldm.modules.encoders.modules.FrozenCLIPEmbedder``, takes its shape and
+its tokenizer from ``params.version`` (``CLIPTextModel.from_pretrained(version)``, which the web UI redirects to
+"config only, weights from the checkpoint", and ``CLIPTokenizer.from_pretrained(version)``). A hub name cannot
+describe our 64-wide encoder, but a local folder can: so the yaml names a folder holding the text encoder's
+``config.json`` plus the CLIP ``vocab.json``/``merges.txt``. That folder's path is absolute and machine-specific,
+so the yaml is written on the machine that uses it, not shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..fileio import write_atomic
+from ..models.tokenizer import find_tokenizer_dir
+
+YAML_TEMPLATE = """\
+# LDM config of the DreamBooth demo model (tiny SD 1.x, 64x64 pixels); written by dreambooth.demo.host_yaml.
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: {latent_size}
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: {scale_factor}
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: {latent_size}
+        in_channels: 4
+        out_channels: 4
+        model_channels: {model_channels}
+        attention_resolutions: {attention_resolutions}
+        num_res_blocks: {num_res_blocks}
+        channel_mult: {channel_mult}
+        num_heads: {num_heads}
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: {context_dim}
+        use_checkpoint: False
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: {resolution}
+          in_channels: 3
+          out_ch: 3
+          ch: {vae_ch}
+          ch_mult: {vae_ch_mult}
+          num_res_blocks: {vae_res_blocks}
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+      params:
+        version: "{text_encoder_dir}"
+"""
+
+
+def ldm_yaml(config_dir: Path, text_encoder_dir: Path) -> str:
+    """The LDM config text for the model whose diffusers configs are in ``config_dir``."""
+    unet = json.loads((config_dir / "unet" / "config.json").read_text())
+    vae = json.loads((config_dir / "vae" / "config.json").read_text())
+    channels = unet["block_out_channels"]
+    heads = unet["attention_head_dim"]
+    attention = [2**i for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")]
+    vae_channels = vae["block_out_channels"]
+    return YAML_TEMPLATE.format(
+        latent_size=unet["sample_size"], scale_factor=vae["scaling_factor"], model_channels=channels[0],
+        attention_resolutions=attention, num_res_blocks=unet["layers_per_block"],
+        channel_mult=[c // channels[0] for c in channels], num_heads=heads if isinstance(heads, int) else heads[0],
+        context_dim=unet["cross_attention_dim"], resolution=vae["sample_size"], vae_ch=vae_channels[0],
+        vae_ch_mult=[c // vae_channels[0] for c in vae_channels], vae_res_blocks=vae["layers_per_block"],
+        text_encoder_dir=text_encoder_dir.resolve().as_posix())
+
+
+def write_host_yaml(checkpoint: Path, config_dir: Path, text_encoder_dir: Path, tokenizer_dir: str = "") -> Path:
+    """Write ``<checkpoint>.yaml`` and fill ``text_encoder_dir`` (config.json + tokenizer files) for the web UI."""
+    text_encoder_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_dir / "text_encoder" / "config.json", text_encoder_dir / "config.json")
+    tokenizer = find_tokenizer_dir(tokenizer_dir, text_encoder_dir)
+    if tokenizer.resolve() != text_encoder_dir.resolve():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tokenizer / name, text_encoder_dir / name)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (text_encoder_dir / "special_tokens_map.json").write_text(json.dumps(special))
+    (text_encoder_dir / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77}))
+    path = checkpoint.with_suffix(".yaml")
+    text = ldm_yaml(config_dir, text_encoder_dir)
+    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))

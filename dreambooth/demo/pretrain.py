@@ -1,0 +1,377 @@
+"""Pretrain the demo model from nothing on generated shape pictures (run on a GPU; minutes).
+
+Two phases, each bounded by wall-clock seconds so a run fits its slot:
+1. the autoencoder (8x downsampling, 4 latent channels) on generic random polygons and shape scenes;
+2. the UNet and the text encoder together on freshly drawn captioned scenes, encoded by the frozen
+   autoencoder on the fly: epsilon prediction on SD 1.x's noise schedule, 10% empty captions (for
+   classifier-free guidance), offset noise (so flat black and white backgrounds are reachable), EMA weights.
+Then it samples 100 pictures per prompt family, scores them with :mod:`.evaluate` and writes the three
+components as diffusers-named fp16 safetensors plus their configs; ``--export`` on any machine turns those into
+the shipped single file (original layout) and config folder.
+
+    python -m dreambooth.demo.pretrain train --out OUT [--vae-seconds 90 --unet-seconds 300]
+    python -m dreambooth.demo.pretrain export OUT dreambooth/demo/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+
+UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [64, 128, 128],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+TEXT_ENCODER = {
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 64,
+}
+SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+OFFSET_NOISE = 0.1
+CAPTION_DROPOUT = 0.1
+
+
+def build_components(seed: int = 0) -> tuple[Any, Any, Any]:
+    """Fresh (randomly initialised) UNet, autoencoder and text encoder of the demo model's shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return (UNet2DConditionModel(**UNET), AutoencoderKL(**VAE), CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)))
+
+
+def train_vae(vae: Any, seconds: float, batch: int, device: torch.device, generator: torch.Generator) -> dict:
+    """Autoencoder phase: L1 + L2 reconstruction, a whisper of KL; half random polygons, half shape scenes."""
+    vae.to(device).train()
+    outlines = shapes.polygon_outlines(20000, generator)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    start, step, log = time.time(), 0, []
+    while time.time() - start < seconds:
+        lr = 1e-3 * min(1.0, (step + 1) / 200)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        half = batch // 2
+        images = torch.cat([
+            shapes.random_polygons(half, generator, outlines, device=device),
+            shapes.render(shapes.sample_scenes(batch - half, generator), device=device),
+        ]) * 2 - 1
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(images).latent_dist
+            recon = vae.decode(posterior.sample()).sample.float()
+        kl = posterior.kl().mean() / (images[0].numel())
+        loss = F.mse_loss(recon, images) + F.l1_loss(recon, images) + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 200 == 0:
+            log.append({"step": step, "loss": round(loss.item(), 5), "s": round(time.time() - start, 1)})
+            print("vae", log[-1], flush=True)
+    vae.eval().requires_grad_(False)
+    return {"vae_steps": step, "vae_loss": loss.item()}
+
+
+@torch.no_grad()
+def latent_scale(vae: Any, device: torch.device, generator: torch.Generator) -> float:
+    """1 / std of the latents of 4096 scenes: the ``scaling_factor`` that makes latents unit-variance."""
+    values = []
+    for _ in range(8):
+        images = shapes.render(shapes.sample_scenes(512, generator), device=device) * 2 - 1
+        values.append(vae.encode(images).latent_dist.sample().float())
+    return 1.0 / torch.cat(values).std().item()
+
+
+class SceneLatents:
+    """A fixed pool of encoded scenes (latent mean and std) with their attributes, on the training device.
+
+    Captions are drawn afresh for every use, so one scene is seen under several of its captions; the token ids
+    of every (template, colour, shape, background) combination are tokenised once into a lookup table.
+    """
+
+    def __init__(self, vae: Any, tokenizer: Any, count: int, device: torch.device, generator: torch.Generator,
+                 chunk: int = 1024) -> None:
+        means, stds, attributes = [], [], []
+        for first in range(0, count, chunk):
+            scenes = shapes.sample_scenes(min(chunk, count - first), generator)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                posterior = vae.encode(shapes.render(scenes, device=device) * 2 - 1).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+            attributes.append(torch.tensor([[shapes.BASE_COLOURS.index(c), shapes.BASE_SHAPES.index(k),
+                                             shapes.BASE_COLOURS.index(b)]
+                                            for c, k, b in zip(scenes.colour, scenes.shape, scenes.background)]))
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.attributes = torch.cat(attributes).to(device)
+        self.device = device
+        captions = [template.format(colour=c, shape=k, background=b)
+                    for template, _ in shapes.CAPTION_TEMPLATES
+                    for c in shapes.BASE_COLOURS for k in shapes.BASE_SHAPES for b in shapes.BASE_COLOURS] + [""]
+        self.table = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids.to(device)
+        self.template_weights = torch.tensor([w for _, w in shapes.CAPTION_TEMPLATES], device=device)
+
+    def batch(self, size: int, scale: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents (sampled from each posterior) and caption token ids of ``size`` random pool entries."""
+        index = torch.randint(len(self.mean), (size,), device=self.device)
+        latents = (self.mean[index] + self.std[index] * torch.randn_like(self.mean[index])) * scale
+        c, k, b = self.attributes[index].unbind(1)
+        n = len(shapes.BASE_COLOURS)
+        template = torch.multinomial(self.template_weights, size, replacement=True)
+        row = ((template * n + c) * len(shapes.BASE_SHAPES) + k) * n + b
+        row = torch.where(torch.rand(size, device=self.device) < dropout, len(self.table) - 1, row)
+        return latents, self.table[row]
+
+
+def train_unet(unet: Any, text_encoder: Any, pool: SceneLatents, scale: float, seconds: float, batch: int,
+               lr: float, text_lr: float, device: torch.device) -> tuple[Any, Any, dict]:
+    """Text-to-image phase; returns the EMA copies of the UNet and text encoder."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
+    alphas = scheduler.alphas_cumprod.to(device)
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    live_params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    groups = [{"params": list(unet.parameters()), "lr": lr, "peak": lr},
+              {"params": list(text_encoder.parameters()), "lr": text_lr, "peak": text_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
+    start, step, log = time.time(), 0, []
+    warmup = 500
+    while (elapsed := time.time() - start) < seconds:
+        progress = min(1.0, elapsed / seconds)
+        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak"] * factor
+        latents, ids = pool.batch(batch, scale, CAPTION_DROPOUT)
+        noise = torch.randn_like(latents) + OFFSET_NOISE * torch.randn(batch, 4, 1, 1, device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        a = alphas[t][:, None, None, None]
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            context = text_encoder(ids)[0]
+            prediction = unet(noisy, t, context).sample.float()
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(live_params, 1.0)
+        optimizer.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+        step += 1
+        if step % 1000 == 0:
+            log.append({"step": step, "loss": round(loss.item(), 5), "lr": round(lr * factor, 7),
+                        "s": round(time.time() - start, 1)})
+            print("unet", log[-1], flush=True)
+    return ema_unet.eval().requires_grad_(False), ema_text.eval().requires_grad_(False), \
+        {"unet_steps": step, "unet_loss": loss.item()}
+
+
+def prompt_families() -> dict[str, list[tuple[str, dict[str, str]]]]:
+    """Prompts to test the base model on, with what each one asks for (the evaluator's field names)."""
+    full, colour_shape, shape_only, background_only = [], [], [], []
+    for shape in shapes.BASE_SHAPES:
+        shape_only.append((f"a {shape}", {"shape": shape}))
+        for colour in shapes.BASE_COLOURS:
+            colour_shape.append((f"a {colour} {shape}", {"shape": shape, "colour": colour}))
+            for background in shapes.BASE_COLOURS:
+                if background != colour:
+                    full.append((shapes.full_caption(colour, shape, background),
+                                 {"shape": shape, "colour": colour, "background": background}))
+    for background in shapes.BASE_COLOURS:
+        background_only.append((f"a shape on a {background} background", {"background": background}))
+    return {"colour shape on background": full, "colour shape": colour_shape, "shape": shape_only,
+            "shape on background": background_only}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``train`` on a GPU, ``export`` anywhere."""
+    parser = argparse.ArgumentParser(prog="python -m dreambooth.demo.pretrain")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--vae-seconds", type=float, default=90)
+    train.add_argument("--unet-seconds", type=float, default=300)
+    train.add_argument("--vae-batch", type=int, default=128)
+    train.add_argument("--batch", type=int, default=512)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--text-lr", type=float, default=1e-3)
+    train.add_argument("--pool", type=int, default=200_000)
+    train.add_argument("--vae-from", type=Path, default=None)
+    train.add_argument("--samples", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--tokenizer-dir", default="")
+    export = sub.add_parser("export")
+    export.add_argument("trained", type=Path)
+    export.add_argument("model_dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        export_model(args.trained, args.model_dir)
+    else:
+        run_training(args)
+
+
+def run_training(args: argparse.Namespace) -> None:
+    """Both phases, the scoring and the files, into ``args.out``."""
+    from safetensors.torch import save_file
+
+    from ..models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokenizer = load_clip_tokenizer(find_tokenizer_dir(args.tokenizer_dir, args.out / "tokenizer"))
+    unet, vae, text_encoder = build_components(args.seed)
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.vae_from:
+        from safetensors.torch import load_file
+
+        vae.load_state_dict({k: v.float() for k, v in load_file(str(args.vae_from / "vae.safetensors")).items()})
+        vae.to(device).eval().requires_grad_(False)
+        report["vae_from"] = str(args.vae_from)
+    else:
+        report.update(train_vae(vae, args.vae_seconds, args.vae_batch, device, generator))
+    vae.register_to_config(scaling_factor=latent_scale(vae, device, generator))
+    report["scaling_factor"] = vae.config.scaling_factor
+    print(report, flush=True)
+    started = time.time()
+    pool = SceneLatents(vae, tokenizer, args.pool, device, generator)
+    report["pool_seconds"] = round(time.time() - started, 1)
+    unet, text_encoder, info = train_unet(unet, text_encoder, pool, vae.config.scaling_factor, args.unet_seconds,
+                                          args.batch, args.lr, args.text_lr, device)
+    report.update(info)
+    print(report, flush=True)
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(args.out / f"{name}.safetensors"))
+    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text_encoder.config.to_dict()}
+    (args.out / "configs.json").write_text(json.dumps(configs, indent=1, default=list))
+    report["accuracy"] = score_prompt_families(unet, vae, text_encoder, tokenizer, args.samples, device)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["accuracy"], indent=1), flush=True)
+
+
+def score_prompt_families(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, samples: int,
+                          device: torch.device, seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Accuracy of each asked-for attribute over ``samples`` pictures per prompt family (prompts cycled)."""
+    from .evaluate import judge_batch
+    from .sampling import sample_images
+
+    results = {}
+    for family, prompts in prompt_families().items():
+        chosen = [prompts[i % len(prompts)] for i in range(samples)]
+        images = sample_images(unet, vae, text_encoder, tokenizer, [p for p, _ in chosen], seed=seed, device=device)
+        verdicts = judge_batch(images)
+        scores: dict[str, list[bool]] = {}
+        for (_, wanted), verdict in zip(chosen, verdicts):
+            for key, value in wanted.items():
+                scores.setdefault(key, []).append(getattr(verdict, key) == value)
+            scores.setdefault("all", []).append(all(getattr(verdict, k) == v for k, v in wanted.items()))
+        results[family] = {k: round(sum(v) / len(v), 3) for k, v in scores.items()}
+    return results
+
+
+def export_model(trained: Path, model_dir: Path) -> Path:
+    """Turn a training run's component files into the shipped single file (original layout, fp16) + config folder."""
+    from safetensors.torch import load_file, save_file
+
+    from ..models.layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+    configs = json.loads((trained / "configs.json").read_text())
+    state = {}
+    state.update(unet_to_ldm(load_file(str(trained / "unet.safetensors")), configs["unet"]))
+    state.update(vae_to_ldm(load_file(str(trained / "vae.safetensors")), configs["vae"]))
+    state.update(text_encoder_to_ldm(load_file(str(trained / "text_encoder.safetensors"))))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "shapes-sd1.safetensors"
+    metadata = {"modelspec.architecture": "stable-diffusion-v1", "modelspec.resolution": "64x64",
+                "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SD 1.x)"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    write_config_folder(configs, model_dir / "config")
+    return path
+
+
+def write_config_folder(configs: dict[str, dict], folder: Path) -> Path:
+    """The diffusers config folder (JSON only) that lets the single file load offline."""
+    for name in ("unet", "vae", "text_encoder", "scheduler"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.31.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    _write_json(folder / "model_index.json", index)
+    for name, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
+        config = {k: v for k, v in configs[name].items() if not k.startswith("_")}
+        _write_json(folder / name / "config.json", {"_class_name": cls, "_diffusers_version": "0.31.0", **config})
+    text = {k: configs["text_encoder"].get(k, v) for k, v in TEXT_ENCODER.items()}
+    text.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "bos_token_id": 49406,
+                 "eos_token_id": 49407, "pad_token_id": 1, "layer_norm_eps": 1e-5, "torch_dtype": "float32"})
+    _write_json(folder / "text_encoder" / "config.json", text)
+    scheduler = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.31.0", "skip_prk_steps": True,
+                 "trained_betas": None, **SCHEDULER}
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

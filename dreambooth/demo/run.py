@@ -1,0 +1,241 @@
+"""The end-to-end demo: teach the shipped shapes model a subject it never saw, and measure what DreamBooth did.
+
+Subject: the two-tone star (:data:`shapes.SUBJECT_COLOURS`), 5 pictures, instance prompt "a zwx shape", class
+prompt "a shape" with class images drawn by the base model. The same run is trained twice through the engine
+(:func:`dreambooth.engine.run`), with and without prior preservation, and each model -- base, with prior, without
+-- is sampled on the instance prompt, a new context and the class prompt. :mod:`.evaluate` scores every picture.
+
+The table: subject fidelity (instance-prompt samples that are the subject), recontextualisation (new-context
+samples that are the subject *and* on the asked-for background), leakage (class-prompt samples that are the
+subject) and the class drift (total-variation distance between the class-prompt samples' shape/colour histogram
+and the base model's, from 0 = same to 1 = disjoint).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import shapes
+from .evaluate import Verdict, judge_batch
+from .sampling import sample_images
+
+MODEL_DIR = Path(__file__).parent / "model"
+DEMO_CHECKPOINT = MODEL_DIR / "shapes-sd1.safetensors"
+DEMO_CONFIG_DIR = MODEL_DIR / "config"
+INSTANCE_PROMPT = "a zwx shape"
+CLASS_PROMPT = "a shape"
+CONTEXT_PROMPT = "a zwx shape on a green background"
+CONTEXT_BACKGROUND = "green"
+
+
+@dataclass
+class DemoSettings:
+    """The knobs of one demo run; :func:`settings` gives the default and the quick (CI) ones."""
+
+    steps: int = 300
+    learning_rate: float = 2e-4
+    batch_size: int = 2
+    num_class_images: int = 32
+    class_steps: int = 15
+    samples: int = 32  # per prompt and model
+    sample_steps: int = 15
+    guidance: float = 5.0
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 5e-5
+
+
+def settings(quick: bool) -> DemoSettings:
+    """Default settings (the README's numbers) or the reduced ones the CI test runs."""
+    return DemoSettings(steps=200, num_class_images=16, samples=16, sample_steps=10, class_steps=10) if quick \
+        else DemoSettings()
+
+
+@dataclass
+class Row:
+    """One model's scores."""
+
+    model: str
+    fidelity: float
+    recontext: float
+    leakage: float
+    class_drift: float
+    class_shapes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DemoReport:
+    """What :func:`run_demo` measured and wrote."""
+
+    rows: list[Row]
+    checkpoints: dict[str, Path]
+    grid: Path
+    seconds: float
+    settings: DemoSettings
+
+    def row(self, model: str) -> Row:
+        """The row of ``model`` ('base', 'prior', 'no prior')."""
+        return next(r for r in self.rows if r.model == model)
+
+    def table(self) -> str:
+        """The fidelity table in Markdown."""
+        lines = ["| model | subject fidelity | recontextualisation | class leakage | class drift (TV) | class shapes |",
+                 "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            shapes_text = ", ".join(f"{k} {v}" for k, v in sorted(r.class_shapes.items()))
+            lines.append(f"| {r.model} | {r.fidelity:.0%} | {r.recontext:.0%} | {r.leakage:.0%} | "
+                         f"{r.class_drift:.2f} | {shapes_text} |")
+        return "\n".join(lines)
+
+
+def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path = DEMO_CHECKPOINT,
+             config_dir: Path = DEMO_CONFIG_DIR, events: Any = None) -> DemoReport:
+    """Write the instance images, train with and without prior preservation, score base and both, draw a grid."""
+    from ..engine import run as run_engine
+    from ..events import Events
+    from ..models.load import load_model
+
+    started = time.time()
+    options = settings(quick)
+    out_dir = Path(out_dir)
+    instance_dir = write_instance_images(out_dir / "instance", seed)
+    checkpoints = {}
+    for name, prior in (("prior", True), ("no prior", False)):
+        model_name = "shapes-zwx-" + name.replace(" ", "")
+        config = demo_config(model_name, instance_dir, checkpoint, config_dir, options, prior, seed)
+        model_dir = out_dir / model_name
+        log = events or Events(log_path=model_dir / "logs" / "events.jsonl")
+        result = run_engine(config, model_dir, log)
+        checkpoints[name] = result.checkpoints[-1]
+    rows, pictures = [], {}
+    base = load_model(checkpoint, out_dir / "base" / "working", out_dir / "base" / "cache",
+                      config_dir=str(config_dir)).components
+    models = {"base": base}
+    for name, path in checkpoints.items():
+        models[name] = load_model(path, out_dir / "eval" / name.replace(" ", ""), out_dir / "eval" / "cache",
+                                  config_dir=str(config_dir)).components
+    base_class: list[Verdict] = []
+    for name, components in models.items():
+        samples = {prompt: _sample(components, prompt, options, seed + 100_000)
+                   for prompt in (INSTANCE_PROMPT, CONTEXT_PROMPT, CLASS_PROMPT)}
+        verdicts = {prompt: judge_batch(images) for prompt, images in samples.items()}
+        if name == "base":
+            base_class = verdicts[CLASS_PROMPT]
+        rows.append(score(name, verdicts, base_class))
+        pictures[name] = samples
+    grid = write_grid(pictures, out_dir / "demo_grid.png")
+    return DemoReport(rows, checkpoints, grid, time.time() - started, options)
+
+
+def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_dir: Path, options: DemoSettings,
+                prior: bool, seed: int):  # -> TrainConfig
+    """The engine's config for one demo training run."""
+    from ..config import Concept, TrainConfig
+
+    concept = Concept(instance_dir=str(instance_dir), instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
+                      num_class_images=options.num_class_images, class_guidance_scale=options.guidance,
+                      class_infer_steps=options.class_steps, class_seed=seed)
+    return TrainConfig(
+        model_name=model_name, source_checkpoint=str(checkpoint), model_config_dir=str(config_dir),
+        concepts=[concept], resolution=shapes.IMAGE_SIZE, max_steps=options.steps, batch_size=options.batch_size,
+        learning_rate=options.learning_rate, lr_scheduler="constant", train_text_encoder=options.train_text_encoder,
+        text_encoder_lr=options.text_encoder_lr, prior_preservation=prior, save_every=0, device="cpu",
+        mixed_precision="no", seed=seed)
+
+
+def write_instance_images(folder: Path, seed: int) -> Path:
+    """The 5 pictures of the subject, as PNG files."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed + 7)
+    images = shapes.to_uint8(shapes.render(shapes.sample_subject_scenes(5, generator))).numpy()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"zwx_{i}.png")
+    return folder
+
+
+def score(model: str, verdicts: dict[str, list[Verdict]], base_class: list[Verdict]) -> Row:
+    """One table row from the verdicts on the three prompts."""
+    instance, context, klass = verdicts[INSTANCE_PROMPT], verdicts[CONTEXT_PROMPT], verdicts[CLASS_PROMPT]
+    return Row(
+        model=model,
+        fidelity=_share(v.is_subject for v in instance),
+        recontext=_share(v.is_subject and v.background == CONTEXT_BACKGROUND for v in context),
+        leakage=_share(v.is_subject for v in klass),
+        class_drift=class_drift(klass, base_class),
+        class_shapes=dict(Counter(v.shape for v in klass)),
+    )
+
+
+def class_drift(samples: list[Verdict], reference: list[Verdict]) -> float:
+    """Total-variation distance between the (shape, colour) histograms of two sets of verdicts."""
+    a = Counter((v.shape, v.colour) for v in samples)
+    b = Counter((v.shape, v.colour) for v in reference)
+    keys = set(a) | set(b)
+    return 0.5 * sum(abs(a[k] / max(len(samples), 1) - b[k] / max(len(reference), 1)) for k in keys)
+
+
+def write_grid(pictures: dict[str, dict[str, np.ndarray]], path: Path, per_prompt: int = 6) -> Path:
+    """One row per model: ``per_prompt`` samples of each prompt side by side, 2x enlarged."""
+    from PIL import Image
+
+    rows = []
+    for samples in pictures.values():
+        tiles = [image for images in samples.values() for image in images[:per_prompt]]
+        rows.append(np.concatenate(tiles, axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _sample(components: Any, prompt: str, options: DemoSettings, seed: int) -> np.ndarray:
+    components.unet.eval()
+    components.text_encoder.eval()
+    return sample_images(components.unet, components.vae, components.text_encoder, components.tokenizer,
+                         [prompt] * options.samples, seed=seed, steps=options.sample_steps, guidance=options.guidance)
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / max(len(flags), 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dreambooth.demo.run OUT [--quick] [--seed N]``: run the demo and print its table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dreambooth.demo.run")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT)
+    parser.add_argument("--config-dir", type=Path, default=DEMO_CONFIG_DIR)
+    args = parser.parse_args(argv)
+    report = run_demo(args.out_dir, args.quick, args.seed, args.checkpoint, args.config_dir,
+                      events=_QuietEvents())
+    print(report.table())
+    print(f"\ncheckpoints: {', '.join(str(p) for p in report.checkpoints.values())}\ngrid: {report.grid}\n"
+          f"seconds: {report.seconds:.1f}")
+
+
+class _QuietEvents:
+    """Events sink that keeps nothing (the demo prints its own summary)."""
+
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        return {"event": kind, **fields}
+
+    def close(self) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()
