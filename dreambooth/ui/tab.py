@@ -105,6 +105,7 @@ class DreamBoothTab:
         """Lay the tab out and wire its events; ``standalone`` adds the page's own CSS and script."""
         css = STYLE_FILE.read_text(encoding="utf-8") if standalone and STYLE_FILE.is_file() else None
         with gr.Blocks(analytics_enabled=False, css=css, title="DreamBooth") as blocks:
+            self.blocks = blocks
             self._build_model_row()
             self.message = gr.Markdown("", elem_id="dreambooth_message")
             with gr.Row():
@@ -116,7 +117,6 @@ class DreamBoothTab:
             if standalone and SCRIPT_FILE.is_file():
                 script = SCRIPT_FILE.read_text(encoding="utf-8")
                 blocks.load(None, None, None, **_event_kwargs("js", f"() => {{\n{script}\n}}"))
-        self.blocks = blocks
         return blocks
 
     def _build_model_row(self) -> None:
@@ -215,7 +215,7 @@ class DreamBoothTab:
             [self.progress, self.plot, self.gallery, self.checkpoints, self.run_state, self.memo],
             show_progress="hidden",
         )
-        self.blocks_load = (self.restore, None, [*filled, self.source, self.run_state])
+        self.blocks.load(self.restore, None, [*filled, self.source, self.run_state])
 
     def _index(self, key: str) -> int:
         return next(i for i, f in enumerate(self.fields) if f.key == key)
@@ -410,7 +410,5 @@ def build_tab(supervisor: Supervisor, host: Host, *, standalone: bool = False) -
     """The DreamBooth tab as a ``gr.Blocks`` (the web UI's ``on_ui_tabs`` and the standalone app both call this)."""
     tab = DreamBoothTab(supervisor, host)
     blocks = tab.build(standalone=standalone)
-    with blocks:
-        blocks.load(*tab.blocks_load)
     blocks.dreambooth_tab = tab  # type: ignore[attr-defined]  # for tests and the standalone app
     return blocks
