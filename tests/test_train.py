@@ -124,3 +124,13 @@ def test_a_diffusers_folder_trains_like_its_single_file(make_config, tmp_path, t
     a, b = read_tensors(from_file.checkpoints[-1]), read_tensors(from_folder.checkpoints[-1])
     model_keys = set(b)  # a folder has no noise-schedule buffers to carry over
     assert model_keys <= set(a) and all(torch.equal(a[k], b[k]) for k in model_keys)
+
+
+def test_an_empty_class_folder_means_generate_them_all(make_config, model_dir, tmp_path):
+    empty = tmp_path / "my_class_images"
+    empty.mkdir()
+    seen: list[dict] = []
+    run(make_config(max_steps=1, concept={"class_dir": str(empty), "num_class_images": 2}), model_dir,
+        Events(on_event=seen.append))
+    generated = [e for e in seen if e["event"] == "progress" and e["phase"] == "Generating class images"]
+    assert generated[-1]["done"] == 2

@@ -28,8 +28,13 @@ def class_image_folder(root: Path, source_id: str, concept: Concept, resolution:
 
 
 def existing_class_images(concept: Concept, folder: Path) -> list[Path]:
-    """The user's class images (if a folder is given) followed by previously generated ones."""
-    paths = list_images(concept.class_dir, "class images") if concept.class_dir else []
+    """The user's class images (if a folder is given) followed by previously generated ones.
+
+    A class folder that exists but is empty counts as zero images: all of them are then generated.
+    """
+    paths = []
+    if concept.class_dir and not _is_empty_folder(Path(concept.class_dir)):
+        paths = list_images(concept.class_dir, "class images")
     if folder.is_dir():
         paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     return paths
@@ -70,3 +75,7 @@ def generate_class_images(
             made.append(write_atomic(folder / f"{n:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG")))
         progress(start + len(numbers), count)
     return made
+
+
+def _is_empty_folder(folder: Path) -> bool:
+    return folder.is_dir() and not any(folder.iterdir())

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on how Pillow was built
 
 from ..errors import DatasetError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp")
 MAX_DECODE_SIDE: int = 4096
 MAX_PIXELS: int = 1_000_000_000
 
