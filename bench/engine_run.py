@@ -27,14 +27,18 @@ COMMON = {"learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps": 
           "prior_loss_weight": 1.0, "center_crop": True, "hflip": False, "cache_latents": True,
           "cache_text_embeddings": True, "save_every": 0, "state_every": 0, "sample_every": 0, "save_dtype": "fp16",
           "seed": 0, "resolution": 512}
+SPEED = {"mixed_precision": "bf16", "weights_dtype": "bf16", "cuda_graphs": True, "compile_optimizer": True,
+         "channels_last": True, "log_every": 10}
+LOW_MEMORY = {"mixed_precision": "bf16", "weights_dtype": "bf16", "optimizer": "adamw_8bit",
+              "gradient_checkpointing": True, "optimizer_in_backward": True, "cuda_graphs": False,
+              "compile_optimizer": True, "log_every": 10}
 ENGINE_MODES = {
-    "speed-b1": {"batch_size": 1, "mixed_precision": "bf16", "speed_preset": "speed"},
-    "speed-b8": {"batch_size": 8, "mixed_precision": "bf16", "speed_preset": "speed"},
-    "speed-b16": {"batch_size": 16, "mixed_precision": "bf16", "speed_preset": "speed"},
-    "speed-b32": {"batch_size": 32, "mixed_precision": "bf16", "speed_preset": "speed"},
-    "lowmem-b1": {"batch_size": 1, "mixed_precision": "bf16", "optimizer": "adamw_8bit",
-                  "gradient_checkpointing": True, "speed_preset": "low_memory"},
-    "plain-b1": {"batch_size": 1, "mixed_precision": "bf16", "speed_preset": "off"},
+    "speed-b1": {"batch_size": 1, **SPEED},
+    "speed-b8": {"batch_size": 8, **SPEED},
+    "speed-b16": {"batch_size": 16, **SPEED},
+    "speed-b32": {"batch_size": 32, **SPEED},
+    "lowmem-b1": {"batch_size": 1, **LOW_MEMORY},
+    "plain-b1": {"batch_size": 1, "mixed_precision": "bf16"},
 }
 
 
