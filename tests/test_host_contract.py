@@ -193,6 +193,9 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (models / "Stable-diffusion" / "base.safetensors").write_bytes(b"x")
     (models / "Stable-diffusion" / "sub" / "other.ckpt").write_bytes(b"x")
     monkeypatch.syspath_prepend(str(root))
+    import dreambooth.host
+
+    monkeypatch.delattr(dreambooth.host, "a1111", raising=False)  # else `from dreambooth.host import a1111` reuses it
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "dreambooth.host.a1111"]:
         monkeypatch.delitem(sys.modules, name)
     import modules
@@ -208,6 +211,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield a1111, modules, models
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "dreambooth.host.a1111"]:
         del sys.modules[name]
+    if hasattr(dreambooth.host, "a1111"):
+        delattr(dreambooth.host, "a1111")
 
 
 def test_the_stand_in_web_ui_honours_the_pin(tmp_path: Path) -> None:
