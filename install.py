@@ -41,8 +41,10 @@ def main() -> int:
         constraints = Path(folder) / "constraints.txt"
         constraints.write_text("\n".join(dependencies.constraints()) + "\n", encoding="utf-8")
         command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                   "--prefer-binary", "--retries", "1", "--timeout", str(PIP_TIMEOUT_S), "-c", str(constraints), *wanted]
-        result = subprocess.run(command, check=False, capture_output=True, text=True, encoding="utf-8", errors="replace")
+                   "--prefer-binary", "--retries", "1", "--timeout", str(PIP_TIMEOUT_S), "-c", str(constraints),
+                   *wanted]
+        result = subprocess.run(command, check=False, capture_output=True, text=True, encoding="utf-8",
+                                errors="replace")
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-6:])
         print(f"DreamBooth: could not install {', '.join(wanted)}; the web UI starts without them and the DreamBooth "

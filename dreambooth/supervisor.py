@@ -287,7 +287,7 @@ class Supervisor:
                 continue
             try:
                 self._apply(event)
-            except Exception as exc:  # noqa: BLE001 (a malformed event must not stop the reading: the child would block)
+            except Exception as exc:  # a malformed event must not stop the reading: the child would block
                 self._output_tail.append(f"unreadable event {line!r}: {exc}")
 
     def _apply(self, event: dict[str, Any]) -> None:
@@ -403,7 +403,7 @@ class Supervisor:
         """Call the host; a failure there becomes a warning instead of stopping the supervision."""
         try:
             return function(*args)
-        except Exception as exc:  # noqa: BLE001 (the host's failure must not leave the run unsupervised)
+        except Exception as exc:  # a failure of the host must not leave the run unsupervised
             with self._lock:
                 self._status.warnings.append(f"Could not {what}: {exc}")
             return None

@@ -155,11 +155,17 @@ def _split(webui: Path, name: str) -> tuple[str, list[str]]:
     raise LookupError(f"no module file for {name}")
 
 
+def _targets(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return node.targets
+    return [node.target] if isinstance(node, ast.AnnAssign) else []
+
+
 def _top_level(tree: ast.Module, name: str) -> ast.AST | None:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
             return node
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = _targets(node)
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return node
         if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name) == name for a in node.names):
@@ -171,7 +177,7 @@ def _class_member(cls: ast.ClassDef, name: str) -> ast.AST | None:
     for node in cls.body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             return node
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = _targets(node)
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return node
     for node in ast.walk(cls):

@@ -30,7 +30,8 @@ def build_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...]
     files = {
         f"{module}_stub/__init__.py": f"VERSION = {version!r}\n",
         f"{dist_info}/METADATA": "Metadata-Version: 2.1\n"
-                                 f"Name: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires),
+                                 f"Name: {name}\nVersion: {version}\n"
+                                 + "".join(f"Requires-Dist: {r}\n" for r in requires),
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = []
@@ -70,8 +71,8 @@ def run_install(python: Path, wheels: Path, extra_env: dict[str, str] | None = N
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), **(extra_env or {})}
     env.pop("PYTHONPATH", None)
     start = time.perf_counter()
-    result = subprocess.run([str(python), str(REPO / "install.py")], check=False, env=env, capture_output=True, text=True,
-                            cwd=str(wheels))
+    result = subprocess.run([str(python), str(REPO / "install.py")], check=False, env=env, capture_output=True,
+                            text=True, cwd=str(wheels))
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr, elapsed
@@ -151,7 +152,8 @@ def test_in_this_profile_nothing_is_installed_and_pip_is_not_called(tmp_path) ->
     (shadow / "__init__.py").write_text("")
     (shadow / "__main__.py").write_text(f"open({str(tmp_path / 'pip-was-called')!r}, 'w').close()\n")
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path), "PYTHONPATH": str(shadow.parent)}
-    result = subprocess.run([sys.executable, str(REPO / "install.py")], check=False, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(REPO / "install.py")], check=False, env=env, capture_output=True,
+                            text=True)
     assert result.returncode == 0 and "installing" not in result.stdout, result.stdout
     assert not (tmp_path / "pip-was-called").exists()
 

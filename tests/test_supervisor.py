@@ -27,7 +27,8 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def trainable(supervisor: Supervisor, name: str = "zwx", steps: int = 4, save_every: int = 2) -> TrainConfig:
     config = supervisor.create_model(name, "base.safetensors")
-    config.concepts = [Concept(instance_dir="photos", instance_prompt="photo of zwx dog", class_prompt="photo of a dog")]
+    config.concepts = [Concept(instance_dir="photos", instance_prompt="photo of zwx dog",
+                               class_prompt="photo of a dog")]
     config.max_steps, config.save_every = steps, save_every
     return config
 
