@@ -207,7 +207,7 @@ class Supervisor:
                 self._status.error = str(exc)
             self._done.set()
             raise
-        self.host.job_started(f"DreamBooth: {config.model_name}", config.max_steps)
+        self._host_call("show the job", self.host.job_started, f"DreamBooth: {config.model_name}", config.max_steps)
         threading.Thread(target=self._read_events, name="dreambooth-events", daemon=True).start()
         threading.Thread(target=self._watch, name="dreambooth-watch", daemon=True).start()
 
