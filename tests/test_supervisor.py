@@ -150,6 +150,22 @@ def test_shutdown_of_the_web_ui_cancels_a_running_training(setup, monkeypatch: p
     assert not status.running and status.cancelled and status.step < 400
 
 
+def test_a_failing_host_becomes_a_warning_not_a_stuck_run(setup) -> None:
+    supervisor, host, _ = setup
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("the web UI is busy")
+
+    host.job_started = host.refresh_checkpoints = broken
+    supervisor.start(trainable(supervisor, steps=2, save_every=1))
+    assert supervisor.wait(30)
+    status = supervisor.status()
+    assert status.finished and not status.running and supervisor.running_model() is None
+    assert "Could not show the job: the web UI is busy" in status.warnings
+    assert "Could not refresh the checkpoint list: the web UI is busy" in status.warnings
+    assert host.names()[-1] == "reload_model"
+
+
 def test_an_error_event_becomes_the_status_error(setup, monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, host, _ = setup
     monkeypatch.setenv("FAKE_ENGINE_MODE", "error")
