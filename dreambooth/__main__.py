@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("train", help="train the model whose config.json is given (its folder is the model folder)")
     p.add_argument("config", type=Path)
     p.add_argument("--json", action="store_true", help="print events as JSON lines on stdout even on a terminal")
+    p.add_argument(
+        "--cancel-on-stdin-eof",
+        action="store_true",
+        help="cancel (after the current step) when standard input closes: a supervisor that dies stops its run",
+    )
 
     p = commands.add_parser("new", help="write a model folder with a config.json of defaults")
     p.add_argument("model_dir", type=Path)
@@ -63,6 +68,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     model_dir = args.config.resolve().parent
+    if args.cancel_on_stdin_eof:
+        _cancel_when_stdin_closes(model_dir)
     json_out = args.json or not sys.stdout.isatty()
     listener = (
         TerminalProgress(sys.stderr if json_out else sys.stdout) if (not json_out or sys.stderr.isatty()) else None
@@ -75,6 +82,19 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         events.close()
     return 0
+
+
+def _cancel_when_stdin_closes(model_dir: Path) -> None:
+    import threading
+
+    from .engine import CANCEL_FILE
+
+    def watch() -> None:
+        while sys.stdin.readline():
+            pass
+        (model_dir / CANCEL_FILE).touch()
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def _new(args: argparse.Namespace) -> int:

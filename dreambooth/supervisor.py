@@ -259,7 +259,7 @@ class Supervisor:
         log_dir = config_path.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "child-stderr.log", "w", encoding="utf-8") as stderr:
-            return subprocess.Popen([*self.launcher, "train", str(config_path), "--json"], cwd=str(REPO_ROOT), env=env,
+            return subprocess.Popen([*self.launcher, "train", str(config_path), "--json", "--cancel-on-stdin-eof"], cwd=str(REPO_ROOT), env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                     text=True, encoding="utf-8", errors="replace", bufsize=1)
 

@@ -20,7 +20,7 @@ def emit(_kind, **fields):
     print(json.dumps({"event": _kind, "time": time.time(), **fields}), flush=True)
 
 config_path = Path(sys.argv[sys.argv.index("train") + 1])
-assert sys.argv[-1] == "--json", sys.argv
+assert "--json" in sys.argv and "--cancel-on-stdin-eof" in sys.argv, sys.argv
 config = json.loads(config_path.read_text(encoding="utf-8"))
 model_dir = config_path.parent
 out = Path(config["output_dir"])

@@ -91,3 +91,30 @@ def test_terminal_progress_shows_step_loss_speed_and_eta():
     assert "training zwx: 10 steps" in text
     assert "3/10 loss 0.1234 2.50 it/s ETA 0:02" in text
     assert "\nsaved out/zwx_3.safetensors\n" in text
+
+
+def test_a_run_whose_supervisor_closes_stdin_cancels_itself(make_config, model_dir):
+    save_config(make_config(max_steps=500, save_every=0), model_dir / "config.json")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dreambooth",
+            "train",
+            str(model_dir / "config.json"),
+            "--json",
+            "--cancel-on-stdin-eof",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for line in child.stdout:
+        if json.loads(line)["event"] == "step":
+            child.stdin.close()  # the supervisor is gone
+            break
+    rest = [json.loads(line) for line in child.stdout]
+    assert child.wait(timeout=120) == 0
+    finished = rest[-1]
+    assert finished["event"] == "finished" and finished["cancelled"] and finished["step"] < 500
