@@ -176,6 +176,11 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if not (a.tokenizer / "vocab.json").is_file():  # made here from open_clip's vocabulary (the GPU box has none)
+        sys.path.insert(0, str(REPO))
+        from dreambooth.models.tokenizer import find_tokenizer_dir
+
+        a.tokenizer = find_tokenizer_dir(None, a.tokenizer)
     instance, klass = build_dataset(a.work / "data")
     model = build_sd15(a.work / "sd15", a.tokenizer)
     env = environment()
