@@ -346,6 +346,51 @@ class TrainConfig:
         choices=("auto", "cuda", "cpu"),
         help="Where to train; 'auto' uses the GPU when there is one.",
     )
+    weights_dtype: str = option(
+        "auto",
+        label="Weight precision",
+        group="Memory and speed",
+        choices=("auto", "fp32", "bf16"),
+        help="bf16 keeps the UNet's weights in bf16 and writes every update with stochastic rounding (half the "
+        "memory, no autocast); 'auto' picks bf16 on GPUs that have it (with AdamW), else fp32.",
+    )
+    optimizer_in_backward: bool = option(
+        False,
+        label="Fused optimizer step",
+        group="Memory and speed",
+        help="Update each group of UNet weights as soon as its gradients exist, then free them: the full gradient "
+        "never exists (-1.7 GB for SD 1.5). No gradient clipping of the UNet, no gradient accumulation.",
+    )
+    channels_last: bool = option(
+        True,
+        label="Channels-last layout",
+        group="Memory and speed",
+        help="Store the UNet's convolution weights and activations channels-last (faster convolutions on GPUs).",
+    )
+    cuda_graphs: bool = option(
+        True,
+        label="CUDA graphs",
+        group="Memory and speed",
+        help="Record the UNet's forward and backward once and replay them (several times faster at small batches). "
+        "Used on CUDA with bf16 weights, a frozen text encoder, no gradient checkpointing and the plain optimizer "
+        "step; otherwise the UNet runs as usual.",
+    )
+    compile_optimizer: bool = option(
+        True,
+        label="Compile the optimizer",
+        group="Memory and speed",
+        help="Fuse the bf16 AdamW update into one GPU kernel with torch.compile when Triton is installed "
+        "(~20 s once per run).",
+    )
+    log_every: int = option(
+        10,
+        label="Report every N steps",
+        group="Memory and speed",
+        minimum=1,
+        maximum=1000,
+        help="Read the loss back from the GPU every N steps (reading it every step stalls the GPU); "
+        "the progress and the loss plot then move N steps at a time.",
+    )
 
     prior_preservation: bool = option(
         True, label="Prior preservation", group="Loss", help="Train on class images too, so the class keeps its look."
@@ -618,6 +663,17 @@ def validate_for_training(config: TrainConfig) -> list[str]:
                 f"{label}: the instance prompt {concept.instance_prompt!r} has no word that the class prompt "
                 "lacks; add a rare token (e.g. 'zwx') or the subject will overwrite the whole class."
             )
+    if config.optimizer_in_backward and config.gradient_accumulation > 1:
+        raise ConfigError(
+            "'optimizer_in_backward' updates weights during the backward pass, so it cannot "
+            "accumulate gradients over several batches.",
+            "Set 'gradient_accumulation' to 1.",
+        )
+    if config.optimizer == "adafactor" and (config.weights_dtype == "bf16" or config.optimizer_in_backward):
+        raise ConfigError(
+            "Adafactor runs on fp32 weights with the plain optimizer step.",
+            "Pick adamw or adamw_8bit, or set 'weights_dtype' to fp32 and 'optimizer_in_backward' off.",
+        )
     if config.train_text_encoder and config.cache_text_embeddings:
         warnings.append("Text embeddings are not cached while the text encoder trains.")
     return warnings

@@ -78,7 +78,8 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     for warning in validate_for_training(config):
         events.emit("warning", message=warning)
     device = resolve_device(config.device)
-    autocast_dtype = resolve_precision(config.mixed_precision, device)
+    weights_dtype = resolve_weights_dtype(config, device)
+    autocast_dtype = None if weights_dtype == torch.bfloat16 else resolve_precision(config.mixed_precision, device)
     cancel_file = model_dir / CANCEL_FILE
     cancel_file.unlink(missing_ok=True)
 
@@ -104,6 +105,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
 
     apply_attention(components.unet, config.attention)
+    components.unet.to(weights_dtype)
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -191,6 +193,15 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def resolve_weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """bf16 when asked, or for 'auto' on a GPU with bf16 and an AdamW optimizer; fp32 otherwise."""
+    if config.weights_dtype == "bf16":
+        return torch.bfloat16
+    if config.weights_dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16 if config.optimizer in ("adamw", "adamw_8bit") else torch.float32
+    return torch.float32
 
 
 def apply_attention(unet, choice: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,17 +47,21 @@ def render_samples(
     components.unet.eval()
     components.text_encoder.eval()
     paths = []
+    unet_dtype = next(components.unet.parameters()).dtype
+    device = next(components.unet.parameters()).device
+    autocast = torch.autocast(device.type, dtype=unet_dtype) if unet_dtype != torch.float32 else nullcontext()
     try:
         for i, prompt in enumerate(prompts):
-            image = pipeline(
-                prompt=prompt,
-                negative_prompt=negative_prompt or None,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=torch.Generator(device="cpu").manual_seed(seed),
-            ).images[0]
+            with autocast:
+                image = pipeline(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                ).images[0]
             paths.append(
                 write_atomic(out_dir / f"step_{step:06d}_{i}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
             )

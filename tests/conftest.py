@@ -92,6 +92,7 @@ def make_config(tmp_path, tiny, tokenizer_dir, instance_dir):
             "learning_rate": 1e-3,
             "device": "cpu",
             "save_dtype": "fp32",
+            "log_every": 1,
             "concepts": [concept_fields],
             **options,
         }

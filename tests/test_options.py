@@ -67,7 +67,10 @@ def observe(make_config, work: Path, monkeypatch, concept=None, **options) -> di
         "sample_count": sum(len(e["paths"]) for e in seen if e["event"] == "sample"),
         "states": sorted(p.name for p in (model_dir / "state").glob("step_*")),
         "prompt_encodes": calls["prompts"],
-        "started": {k: started[k] for k in ("optimizer", "precision", "attention", "gradient_checkpointing", "device")},
+        "started": {
+            k: started[k]
+            for k in ("optimizer", "precision", "weights", "attention", "gradient_checkpointing", "channels_last")
+        },
         "warnings": [e["message"] for e in seen if e["event"] == "warning"],
     }
 
@@ -108,6 +111,9 @@ CASES: dict[str, tuple] = {
     "mixed_precision": ({"mixed_precision": "bf16"}, "started"),
     "attention": ({"attention": "eager"}, "started"),
     "gradient_checkpointing": ({"gradient_checkpointing": True}, "started"),
+    "weights_dtype": ({"weights_dtype": "bf16"}, "started"),
+    "optimizer_in_backward": ({"optimizer_in_backward": True}, "started"),
+    "channels_last": ({"channels_last": False}, "started"),
     "cache_latents": ({"cache_latents": False}, "latent_cache_files"),
     "cache_text_embeddings": ({"cache_text_embeddings": False}, "prompt_encodes"),
     "prior_preservation": ({"prior_preservation": False}, "loss"),
@@ -141,6 +147,9 @@ ELSEWHERE = {
     "tokenizer_dir": "test_options.py::test_tokenizer_and_config_folders_are_used",
     "model_config_dir": "test_options.py::test_tokenizer_and_config_folders_are_used",
     "device": "test_options.py::test_device_cuda_without_a_gpu_is_refused",
+    "log_every": "test_options.py::test_log_every_batches_the_step_events",
+    "cuda_graphs": "CUDA only: bench/ measures it on the GPU (the started event reports whether it ran)",
+    "compile_optimizer": "CUDA + Triton only: bench/ measures it on the GPU",
     "concepts": "test_train.py",
     "concepts.instance_dir": "test_bad_input.py::test_missing_and_empty_instance_folders",
     "concepts.class_dir": "test_train.py::test_user_class_images_count_towards_the_total",
@@ -187,3 +196,40 @@ def test_tokenizer_and_config_folders_are_used(make_config, tmp_path, model_dir)
 def test_device_cuda_without_a_gpu_is_refused(make_config, model_dir):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         run(make_config(device="cuda"), model_dir, Events())
+
+
+def test_log_every_batches_the_step_events(make_config, tmp_path):
+    """A listener that asks to cancel on the first step event it sees stops the run at step 1 when every step is
+    reported, and only after the 3rd step when steps are reported three at a time."""
+    steps = {}
+    for every in (1, 3):
+        model_dir = tmp_path / str(every) / "zwx"
+
+        def cancel_on_first_step(event, model_dir=model_dir):
+            if event["event"] == "step":
+                (model_dir / "cancel.request").touch()
+
+        result = run(make_config(max_steps=6, log_every=every), model_dir, Events(on_event=cancel_on_first_step))
+        steps[every] = result.step
+    assert steps == {1: 1, 3: 3}
+
+
+def test_bf16_weights_learn_through_stochastic_rounding_and_resume_exactly(make_config, tmp_path):
+    from dreambooth.engine import CANCEL_FILE
+
+    config = make_config(max_steps=4, weights_dtype="bf16", optimizer_in_backward=True, learning_rate=1e-4)
+    straight = run(config, tmp_path / "a" / "zwx", Events())
+    stopped_dir = tmp_path / "b" / "zwx"
+
+    def stop_at_2(event):
+        if event["event"] == "step" and event["step"] == 2:
+            (stopped_dir / CANCEL_FILE).touch()
+
+    assert run(config, stopped_dir, Events(on_event=stop_at_2)).step == 2
+    resumed = run(config, stopped_dir, Events())
+    a, b = read_tensors(straight.checkpoints[-1]), read_tensors(resumed.checkpoints[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    source = read_tensors(Path(config.source_checkpoint))
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    # lr 1e-4 moves a weight by far less than half a bf16 step: only stochastic rounding lets them change
+    assert sum(not torch.equal(a[k].bfloat16(), source[k].bfloat16()) for k in unet) > 0.9 * len(unet)

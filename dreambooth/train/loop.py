@@ -22,8 +22,10 @@ from ..data.dataset import DataOrder, Example
 from ..events import Events
 from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
-from .optim import build_lr_scheduler, build_optimizer, trainable
+from .speed.layout import graph_denoiser, to_channels_last
+from .speed.scalars import DeviceScalars
 from .state import latest_snapshot, restore_snapshot, save_snapshot
+from .update import Updater
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Run:
     prompts: PromptEmbeddings
     device: torch.device
     autocast_dtype: torch.dtype | None
+    """Autocast for the UNet's forward; None with bf16 weights (already 16-bit) or full precision."""
     state_dir: Path
     total_steps: int
     fingerprint: dict
@@ -57,6 +60,10 @@ class Outcome:
     losses: list[float] = field(default_factory=list)
 
 
+ROUNDING_STREAM = 99_991
+"""The ``micro`` slot of :func:`step_seed` that seeds the global generator (stochastic rounding) each step."""
+
+
 def step_seed(seed: int, step: int, micro: int) -> int:
     """The seed of every random draw in micro-batch ``micro`` of optimizer step ``step``."""
     return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
@@ -69,53 +76,91 @@ def train(run: Run) -> Outcome:
     train_te = cfg.train_text_encoder and cfg.text_encoder_stop > 0
     unet.requires_grad_(True).train()
     text_encoder.requires_grad_(train_te).train(train_te)
-    groups = [{"params": trainable(unet.parameters()), "lr": cfg.learning_rate}]
-    if train_te:
-        groups.append({"params": trainable(text_encoder.parameters()), "lr": cfg.text_encoder_lr})
-    optimizer = build_optimizer(cfg, groups)
-    lr_scheduler = build_lr_scheduler(cfg, optimizer, run.total_steps)
+    if cfg.channels_last:
+        to_channels_last(unet)
+    weights_dtype = next(unet.parameters()).dtype
+    updater = Updater(
+        cfg,
+        unet,
+        text_encoder if train_te else None,
+        run.total_steps,
+        flat=weights_dtype == torch.bfloat16 or cfg.optimizer_in_backward,
+        in_backward=cfg.optimizer_in_backward,
+        grad_scaler=_grad_scaler(run),
+        compile_optimizer=cfg.compile_optimizer,
+    )
     models = {"unet": unet, **({"text_encoder": text_encoder} if train_te else {})}
 
     order = DataOrder(len(run.instance), len(run.classes), cfg.seed)
     step = 0
     snapshot = latest_snapshot(run.state_dir)
     if snapshot is not None and snapshot.fingerprint == run.fingerprint and snapshot.step < run.total_steps:
-        restore_snapshot(snapshot, models, optimizer, lr_scheduler)
+        updater.load_state_dict(restore_snapshot(snapshot, models))
         step = snapshot.step
         order = DataOrder(len(run.instance), len(run.classes), cfg.seed, **snapshot.data_order)
     elif snapshot is not None:
         run.events.emit(
             "warning",
             message=f"The resume point {snapshot.folder.name} belongs to other settings "
-            "(model, steps or trained parts changed); starting from step 0.",
+            "(model, optimizer, seed or trained parts changed); starting from step 0.",
         )
+
+    def forward(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(sample, timesteps, context).sample
+
+    unet_input = {
+        "dtype": weights_dtype,
+        "memory_format": torch.channels_last if cfg.channels_last else torch.contiguous_format,
+    }
+    graphed = _can_graph(run, train_te, weights_dtype)
+    if graphed:
+        forward = _capture(run, unet, updater, unet_input)
     run.events.emit(
         "started",
         model=cfg.model_name,
         total_steps=run.total_steps,
         resumed_from=step,
         device=str(run.device),
-        precision=str(run.autocast_dtype or torch.float32).removeprefix("torch."),
-        optimizer=type(optimizer).__name__,
+        weights=str(weights_dtype).removeprefix("torch."),
+        precision=str(run.autocast_dtype or weights_dtype).removeprefix("torch."),
+        optimizer=updater.kind,
         attention=_attention_kernel(unet),
         gradient_checkpointing=bool(unet.is_gradient_checkpointing),
+        channels_last=_is_channels_last(unet),
+        cuda_graphs=graphed,
     )
 
-    scaler = _grad_scaler(run)
     autocast = (
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     )
     te_stop_step = math.ceil(cfg.text_encoder_stop * run.total_steps)
     outcome = Outcome(step=step, cancelled=False)
-    params = [p for g in groups for p in g["params"]]
+    losses, pending = DeviceScalars(), []
     started, first_step = time.perf_counter(), step
+
+    def report() -> None:
+        """Read the kept losses back (one sync) and emit their step events."""
+        for (done, lr, rate), value in zip(pending, losses.drain()):
+            outcome.losses.append(value)
+            run.events.emit(
+                "step",
+                step=done,
+                total=run.total_steps,
+                loss=value,
+                lr=lr,
+                it_per_s=rate,
+                eta_s=(run.total_steps - done) / rate if rate else None,
+                memory_mb=_memory_mb(run.device),
+            )
+        pending.clear()
 
     while step < run.total_steps:
         if train_te and step >= te_stop_step:
             train_te = False
             text_encoder.requires_grad_(False).eval()
+        torch.manual_seed(step_seed(cfg.seed, step, ROUNDING_STREAM))  # bf16 stochastic rounding draws from it
         for micro in range(cfg.gradient_accumulation):
-            generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro))
+            generator = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, micro))
             rng = random.Random(step_seed(cfg.seed, step, micro))
             instance_ids, class_ids = order.next_batch(cfg.batch_size)
             batch = [run.instance[i] for i in instance_ids] + [run.classes[i] for i in class_ids]
@@ -124,7 +169,9 @@ def train(run: Run) -> Outcome:
             conditioning = run.prompts([e.prompt for e in batch], trainable=train_te)
             noised = add_noise(latents, scheduler, generator, cfg.offset_noise)
             with autocast:
-                prediction = unet(noised.noisy_latents, noised.timesteps, conditioning).sample
+                prediction = forward(
+                    noised.noisy_latents.to(**unet_input), noised.timesteps, conditioning.to(weights_dtype)
+                )
             weights = (
                 min_snr_weights(
                     noised.timesteps, scheduler.alphas_cumprod, cfg.min_snr_gamma, scheduler.config.prediction_type
@@ -133,51 +180,73 @@ def train(run: Run) -> Outcome:
                 else None
             )
             loss = dreambooth_loss(prediction, noised.target, len(instance_ids), cfg.prior_loss_weight, weights)
-            scaled = loss.total / cfg.gradient_accumulation
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            updater.backward(loss.total / cfg.gradient_accumulation)
+        updater.step()
         step += 1
 
-        loss_value = float(loss.total.detach())
-        outcome.losses.append(loss_value)
+        losses.add(loss.total)
         elapsed = time.perf_counter() - started
-        rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
-        run.events.emit(
-            "step",
-            step=step,
-            total=run.total_steps,
-            loss=loss_value,
-            lr=lr_scheduler.get_last_lr()[0],
-            it_per_s=rate,
-            eta_s=(run.total_steps - step) / rate if rate else None,
-            memory_mb=_memory_mb(run.device),
-        )
-
-        if (cfg.save_every and step % cfg.save_every == 0) or step == run.total_steps:
-            outcome.checkpoints.append(run.save_checkpoint(step))
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            run.events.emit("sample", step=step, paths=[str(p) for p in run.render_samples(step)])
+        pending.append((step, updater.lr, (step - first_step) / elapsed if elapsed > 0 else 0.0))
+        save = (cfg.save_every and step % cfg.save_every == 0) or step == run.total_steps
+        sample = cfg.sample_every and step % cfg.sample_every == 0
+        state_due = cfg.state_every and step % cfg.state_every == 0
+        if len(pending) >= cfg.log_every or save or sample or state_due:
+            report()
         cancel = run.cancel_requested()
-        if (cfg.state_every and step % cfg.state_every == 0) or (cancel and step < run.total_steps):
+        if cancel:
+            report()
+        snapshot_now = state_due or (cancel and step < run.total_steps)
+        if save:
+            outcome.checkpoints.append(run.save_checkpoint(step))
+        if sample:
+            run.events.emit("sample", step=step, paths=[str(p) for p in run.render_samples(step)])
+        if snapshot_now:
             path = save_snapshot(
-                run.state_dir, step, models, optimizer, lr_scheduler, order.state(), run.fingerprint, cfg.keep_states
+                run.state_dir, step, models, updater.state_dict(), order.state(), run.fingerprint, cfg.keep_states
             )
             run.events.emit("state_saved", step=step, path=str(path))
         if cancel:
             outcome.cancelled = step < run.total_steps
             break
+    report()
     outcome.step = step
     return outcome
+
+
+def _can_graph(run: Run, train_te: bool, weights_dtype: torch.dtype) -> bool:
+    cfg = run.config
+    return (
+        cfg.cuda_graphs
+        and run.device.type == "cuda"
+        and weights_dtype == torch.bfloat16
+        and not train_te
+        and not cfg.gradient_checkpointing
+        and not cfg.optimizer_in_backward
+        and run.autocast_dtype is None
+    )
+
+
+def _capture(run: Run, unet, updater: Updater, unet_input: dict) -> Callable:
+    """Record the UNet's forward and backward for this run's fixed batch shape, then clear the warm-up gradients."""
+    cfg = run.config
+    rows = cfg.batch_size * (2 if run.classes else 1)
+    size = cfg.resolution // 8
+    sample = torch.randn(rows, unet.config.in_channels, size, size, device=run.device).to(**unet_input)
+    timesteps = torch.randint(0, 1000, (rows,), device=run.device)
+    prompts = [run.instance[0].prompt] * rows
+    context = run.prompts(prompts, trainable=False).to(unet_input["dtype"])
+    graphed = graph_denoiser(unet, sample, timesteps, context)
+    if updater.flat_optimizer is not None and updater.flat.grad is not None:
+        updater.flat.zero_grad()
+
+    def graphed_forward(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return graphed(sample, timesteps, context)
+
+    return graphed_forward
+
+
+def _is_channels_last(unet) -> bool:
+    return unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _attention_kernel(unet) -> str:

@@ -10,10 +10,11 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 
 
-def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainConfig, groups: list[dict], allow_8bit: bool = True) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA), AdamW 8-bit (bitsandbytes) or Adafactor over parameter ``groups``
-    (each ``{"params": [...], "lr": float}``)."""
-    if config.optimizer == "adamw":
+    (each ``{"params": [...], "lr": float}``); ``allow_8bit=False`` gives plain AdamW for ``adamw_8bit``."""
+    name = "adamw" if config.optimizer == "adamw_8bit" and not allow_8bit else config.optimizer
+    if name == "adamw":
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(
             groups,
@@ -23,7 +24,7 @@ def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
             weight_decay=config.weight_decay,
             **({"fused": True} if on_cuda else {}),
         )
-    if config.optimizer == "adamw_8bit":
+    if name == "adamw_8bit":
         bnb = bitsandbytes_or_none()
         if bnb is None:
             raise ConfigError(
@@ -37,7 +38,7 @@ def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
         )
-    if config.optimizer == "adafactor":
+    if name == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(

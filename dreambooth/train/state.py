@@ -1,4 +1,4 @@
-"""Resume snapshots: ``state/step_<N>/`` with the trained weights, optimizer, LR schedule, RNG states,
+"""Resume snapshots: ``state/step_<N>/`` with the trained weights, optimizer and LR schedule, RNG states,
 data order and step. A snapshot folder is written under a temporary name and renamed when complete, so a
 crash mid-write never leaves one that looks usable."""
 
@@ -31,8 +31,7 @@ def save_snapshot(
     state_dir: Path,
     step: int,
     models: dict[str, torch.nn.Module],
-    optimizer,
-    lr_scheduler,
+    training_state: dict[str, Any],
     data_order: dict[str, int],
     fingerprint: dict[str, Any],
     keep: int,
@@ -49,7 +48,7 @@ def save_snapshot(
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             save_file(tensors, str(temp / f"{name}.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_states()},
+            {"training": training_state, "rng": _rng_states()},
             str(temp / "training.pt"),
         )
         (temp / "state.json").write_text(
@@ -84,16 +83,15 @@ def latest_snapshot(state_dir: Path) -> Snapshot | None:
     return Snapshot(step=data["step"], data_order=data["data_order"], fingerprint=data["fingerprint"], folder=folder)
 
 
-def restore_snapshot(snapshot: Snapshot, models: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> None:
-    """Load weights, optimizer, schedule and RNG states from ``snapshot`` into the live objects."""
+def restore_snapshot(snapshot: Snapshot, models: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Load the weights and RNG states from ``snapshot``; returns the optimizer/schedule state to restore."""
     from safetensors.torch import load_file
 
     for name, model in models.items():
         model.load_state_dict(load_file(str(snapshot.folder / f"{name}.safetensors")))
     training = torch.load(str(snapshot.folder / "training.pt"), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(training["optimizer"])
-    lr_scheduler.load_state_dict(training["lr_scheduler"])
     _set_rng_states(training["rng"])
+    return training["training"]
 
 
 def _rng_states() -> dict[str, Any]:

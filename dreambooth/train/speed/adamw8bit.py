@@ -18,8 +18,14 @@ BLOCK = 256
 class FlatAdamW8bit:
     """8-bit AdamW on a :class:`FlatParameters` built with ``align`` a multiple of 256. Needs bitsandbytes + CUDA."""
 
-    def __init__(self, flat: FlatParameters, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        flat: FlatParameters,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         import bitsandbytes.functional as bnbf
 
         if flat.numel % BLOCK:
@@ -51,8 +57,47 @@ class FlatAdamW8bit:
         p32 = weights.float()
         g32 = grad.float() if grad_scale is None else grad.float() * grad_scale
         self._bnbf.optimizer_update_8bit_blockwise(
-            "adam", g32, p32, self.state1[start:stop], self.state2[start:stop], self.betas[0], self.betas[1],
-            0.0, 0.0, self.eps, self.step_count, self.lr, self.qmap1, self.qmap2,
-            self.absmax1[start // BLOCK: stop // BLOCK], self.absmax2[start // BLOCK: stop // BLOCK],
-            weight_decay=self.weight_decay)
+            "adam",
+            g32,
+            p32,
+            self.state1[start:stop],
+            self.state2[start:stop],
+            self.betas[0],
+            self.betas[1],
+            0.0,
+            0.0,
+            self.eps,
+            self.step_count,
+            self.lr,
+            self.qmap1,
+            self.qmap2,
+            self.absmax1[start // BLOCK : stop // BLOCK],
+            self.absmax2[start // BLOCK : stop // BLOCK],
+            weight_decay=self.weight_decay,
+        )
         copy_stochastic_(weights, p32)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step over the whole flat gradient (no clipping), then zero it."""
+        assert self.flat.grad is not None, "FlatAdamW8bit.step needs FlatParameters(with_grad_buffer=True)"
+        self.begin_step()
+        self.update_range(0, self.flat.numel, self.flat.grad)
+        self.flat.zero_grad()
+
+    def state_dict(self) -> dict:
+        """Quantized moments, their scales and the step count (for resume)."""
+        return {
+            "state1": self.state1,
+            "state2": self.state2,
+            "absmax1": self.absmax1,
+            "absmax2": self.absmax2,
+            "step": self.step_count,
+            "lr": self.lr,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for name in ("state1", "state2", "absmax1", "absmax2"):
+            getattr(self, name).copy_(state[name])
+        self.step_count, self.lr = int(state["step"]), float(state["lr"])

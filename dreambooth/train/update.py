@@ -1,0 +1,145 @@
+"""How gradients become new weights: one object the loop calls ``backward(loss)`` and ``step()`` on.
+
+Two paths, chosen by the config:
+- torch's optimizers on fp32 weights (AdamW fused on CUDA, AdamW 8-bit, Adafactor), with an fp16 GradScaler
+  when autocast runs in fp16;
+- the UNet's weights in one flat buffer (``speed/flat.py``) updated by one AdamW kernel (``speed/adamw.py``,
+  8-bit moments with bitsandbytes) that writes bf16 weights with stochastic rounding; optionally inside the
+  backward pass (``speed/backward.py``), so the full gradient never exists. The text encoder, when it trains,
+  stays on torch's optimizer.
+
+One LR schedule drives both: it is built on the torch optimizer, whose first group stands for the UNet (on the
+flat path that group holds only a placeholder), and its value is handed to the flat optimizer after each step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from .optim import bitsandbytes_or_none, build_lr_scheduler, build_optimizer, trainable
+from .speed.backward import BackwardStep
+from .speed.flat import FlatParameters
+
+
+class Updater:
+    """Applies one optimizer step's gradients to the trained weights (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        unet: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
+        total_steps: int,
+        flat: bool,
+        in_backward: bool,
+        grad_scaler,
+        compile_optimizer: bool,
+    ) -> None:
+        self.config = config
+        self.scaler = grad_scaler
+        self.flat_optimizer = None
+        self.backward_step: BackwardStep | None = None
+        unet_params = trainable(unet.parameters())
+        if flat:
+            self.flat = FlatParameters(
+                unet_params, dtype=next(unet.parameters()).dtype, with_grad_buffer=not in_backward
+            )
+            self.flat_optimizer = _flat_optimizer(config, self.flat, compile_optimizer)
+            if in_backward:
+                self.backward_step = BackwardStep(self.flat, self.flat_optimizer)
+            placeholder = torch.zeros(1, device=self.flat.data.device, requires_grad=True)
+            groups = [{"params": [placeholder], "lr": config.learning_rate}]
+        else:
+            groups = [{"params": unet_params, "lr": config.learning_rate}]
+        if text_encoder is not None:
+            groups.append({"params": trainable(text_encoder.parameters()), "lr": config.text_encoder_lr})
+        self.torch_optimizer = build_optimizer(config, groups, allow_8bit=not flat)
+        self.lr_scheduler = build_lr_scheduler(config, self.torch_optimizer, total_steps)
+        self._clipped = [p for g in groups[0 if not flat else 1 :] for p in g["params"]]
+        self._hand_lr_to_flat()
+
+    @property
+    def kind(self) -> str:
+        """A name for the log: which optimizer updates the UNet, and how."""
+        if self.flat_optimizer is None:
+            return type(self.torch_optimizer).__name__
+        return type(self.flat_optimizer).__name__ + (" in backward" if self.backward_step else "")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` (scaled for fp16)."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        """Apply the accumulated gradients, advance the LR schedule and clear the gradients."""
+        if self.backward_step is not None:
+            self.backward_step.finish()
+        elif self.flat_optimizer is not None:
+            self.flat_optimizer.step()
+        if self.scaler:
+            self.scaler.unscale_(self.torch_optimizer)
+        if self.config.max_grad_norm:
+            with_grad = [p for p in self._clipped if p.grad is not None]
+            if with_grad:
+                torch.nn.utils.clip_grad_norm_(with_grad, self.config.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.torch_optimizer)
+            self.scaler.update()
+        else:
+            self.torch_optimizer.step()
+        self.lr_scheduler.step()
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        self._hand_lr_to_flat()
+
+    @property
+    def lr(self) -> float:
+        """The UNet's learning rate for the next step."""
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs: optimizers and the schedule."""
+        state = {"torch": self.torch_optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        if self.flat_optimizer is not None:
+            state["flat"] = self.flat_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.torch_optimizer.load_state_dict(state["torch"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.flat_optimizer is not None:
+            self.flat_optimizer.load_state_dict(state["flat"])
+        self._hand_lr_to_flat()
+
+    def _hand_lr_to_flat(self) -> None:
+        if self.flat_optimizer is not None:
+            self.flat_optimizer.set_lr(self.lr)
+
+
+def _flat_optimizer(config: TrainConfig, flat: FlatParameters, compile_optimizer: bool):
+    from .speed.adamw import FlatAdamW
+
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "adamw_8bit":
+        if bitsandbytes_or_none() is None:
+            raise ConfigError(
+                "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
+                "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw.",
+            )
+        from .speed.adamw8bit import FlatAdamW8bit
+
+        return FlatAdamW8bit(
+            flat, lr=config.learning_rate, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay
+        )
+    return FlatAdamW(
+        flat,
+        lr=config.learning_rate,
+        betas=betas,
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm or None,
+        compile=compile_optimizer and flat.data.is_cuda and importlib.util.find_spec("triton") is not None,
+    )
