@@ -20,9 +20,14 @@ STEPS, LR = 12, 3e-3
 
 @pytest.fixture(autouse=True)
 def _no_denormals():
-    torch.set_flush_denormal(True)  # random tiny weights make denormals that slow a CPU tenfold
+    """Random tiny weights make denormal numbers that slow a CPU tenfold. Flushing them is a per-thread setting
+    (intra-op worker threads started earlier keep theirs), so the test computes on this thread alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
 
 
 def _unet():
