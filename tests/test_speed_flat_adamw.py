@@ -98,3 +98,33 @@ def test_bf16_state_halves_memory_and_stays_close():
     opt.step()
     assert opt.exp_avg.dtype == torch.bfloat16 and opt.exp_avg_sq.dtype == torch.bfloat16
     assert opt.exp_avg.float().abs().sum() > 0
+
+
+def test_a_compiled_update_that_fails_falls_back_to_the_eager_kernel(monkeypatch):
+    import warnings as warnings_module
+
+    from dreambooth.train.speed import adamw as adamw_module
+    from dreambooth.train.speed.adamw import FlatAdamW
+    from dreambooth.train.speed.flat import FlatParameters
+
+    def broken_compile(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(adamw_module.torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 5))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    compiled_flat, eager_flat = FlatParameters(weights), FlatParameters(twins)
+    compiled_opt = FlatAdamW(compiled_flat, lr=0.1, compile=True)
+    eager_opt = FlatAdamW(eager_flat, lr=0.1)
+    for flat in (compiled_flat, eager_flat):
+        flat.grad.copy_(torch.linspace(-1, 1, flat.numel))
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        compiled_opt.step()
+    eager_opt.step()
+    assert any("compiled AdamW update failed" in str(w.message) for w in caught)
+    assert torch.equal(compiled_flat.data, eager_flat.data)

@@ -114,7 +114,13 @@ def train(run: Run) -> Outcome:
     }
     graphed = _can_graph(run, train_te, weights_dtype)
     if graphed:
-        forward = _capture(run, unet, updater, unet_input)
+        try:
+            forward = _capture(run, unet, updater, unet_input)
+        except RuntimeError as exc:  # a kernel that cannot be recorded: run the UNet as usual
+            graphed = False
+            if updater.flat_optimizer is not None and updater.flat.grad is not None:
+                updater.flat.zero_grad()
+            run.events.emit("warning", message=f"CUDA graphs could not be recorded ({exc}); the UNet runs as usual.")
     run.events.emit(
         "started",
         model=cfg.model_name,

@@ -7,6 +7,7 @@ one elementwise function that ``torch.compile`` fuses into a single kernel over 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -61,9 +62,18 @@ class FlatAdamW:
 
     def update_range(self, start: int, stop: int, grad: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
         """Update ``flat.data[start:stop]`` from ``grad`` (same length), after :meth:`begin_step`."""
-        self._update(self.flat.data[start:stop], grad, self.exp_avg[start:stop], self.exp_avg_sq[start:stop],
-                     self.step_count, self.lr, self._one if grad_scale is None else grad_scale,
-                     self.beta1, self.beta2, self.eps, self.weight_decay)
+        args = (self.flat.data[start:stop], grad, self.exp_avg[start:stop], self.exp_avg_sq[start:stop],
+                self.step_count, self.lr, self._one if grad_scale is None else grad_scale,
+                self.beta1, self.beta2, self.eps, self.weight_decay)
+        try:
+            self._update(*args)
+        except Exception as exc:  # torch.compile fails before it runs anything: fall back to the eager kernel
+            if self._update is adamw_update_:
+                raise
+            warnings.warn(f"the compiled AdamW update failed ({type(exc).__name__}: {exc}); using the eager one",
+                          stacklevel=2)
+            self._update = adamw_update_
+            self._update(*args)
 
     @torch.no_grad()
     def step(self) -> None:
