@@ -23,15 +23,41 @@ sys.path.insert(0, str(REPO))
 
 from timing import StepClock
 
-COMMON = {"learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps": 0, "prior_preservation": True,
-          "prior_loss_weight": 1.0, "center_crop": True, "hflip": False, "cache_latents": True,
-          "cache_text_embeddings": True, "save_every": 0, "state_every": 0, "sample_every": 0, "save_dtype": "fp16",
-          "seed": 0, "resolution": 512}
-SPEED = {"mixed_precision": "bf16", "weights_dtype": "bf16", "cuda_graphs": True, "compile_optimizer": True,
-         "channels_last": True, "log_every": 10}
-LOW_MEMORY = {"mixed_precision": "bf16", "weights_dtype": "bf16", "optimizer": "adamw_8bit",
-              "gradient_checkpointing": True, "optimizer_in_backward": True, "cuda_graphs": False,
-              "compile_optimizer": True, "log_every": 10}
+COMMON = {
+    "learning_rate": 5e-6,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "prior_preservation": True,
+    "prior_loss_weight": 1.0,
+    "center_crop": True,
+    "hflip": False,
+    "cache_latents": True,
+    "cache_text_embeddings": True,
+    "save_every": 0,
+    "state_every": 0,
+    "sample_every": 0,
+    "save_dtype": "fp16",
+    "seed": 0,
+    "resolution": 512,
+}
+SPEED = {
+    "mixed_precision": "bf16",
+    "weights_dtype": "bf16",
+    "cuda_graphs": True,
+    "compile_optimizer": True,
+    "channels_last": True,
+    "log_every": 10,
+}
+LOW_MEMORY = {
+    "mixed_precision": "bf16",
+    "weights_dtype": "bf16",
+    "optimizer": "adamw_8bit",
+    "gradient_checkpointing": True,
+    "optimizer_in_backward": True,
+    "cuda_graphs": False,
+    "compile_optimizer": True,
+    "log_every": 10,
+}
 ENGINE_MODES = {
     "speed-b1": {"batch_size": 1, **SPEED},
     "speed-b8": {"batch_size": 8, **SPEED},
@@ -48,14 +74,26 @@ def write_config(mode: str, a, model: Path, instance: Path, klass: Path, work: P
 
     model_dir = work / f"engine-{mode}"
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    wanted = {**COMMON, **ENGINE_MODES[mode], "max_steps": a.warmup + a.steps + 1,
-              "model_name": f"bench-{mode}", "source_checkpoint": str(model),
-              "tokenizer_dir": str(Path(a.tokenizer).resolve()), "output_dir": str(model_dir / "out")}
+    wanted = {
+        **COMMON,
+        **ENGINE_MODES[mode],
+        "max_steps": a.warmup + a.steps + 1,
+        "model_name": f"bench-{mode}",
+        "source_checkpoint": str(model),
+        "tokenizer_dir": str(Path(a.tokenizer).resolve()),
+        "output_dir": str(model_dir / "out"),
+    }
     dropped = sorted(k for k in wanted if k not in known)
     config = TrainConfig(**{k: v for k, v in wanted.items() if k in known})
-    config.concepts = [Concept(instance_dir=str(instance), instance_prompt="a photo of zwx dog",
-                               class_prompt="a photo of dog", class_dir=str(klass),
-                               num_class_images=len(list(klass.glob("*.jpg"))))]
+    config.concepts = [
+        Concept(
+            instance_dir=str(instance),
+            instance_prompt="a photo of zwx dog",
+            class_prompt="a photo of dog",
+            class_dir=str(klass),
+            num_class_images=len(list(klass.glob("*.jpg"))),
+        )
+    ]
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.json"
     path.write_text(json.dumps(config.to_dict(), indent=1))
@@ -65,8 +103,15 @@ def write_config(mode: str, a, model: Path, instance: Path, klass: Path, work: P
 def engine_command(mode: str, a, model: Path, instance: Path, klass: Path, timing: Path, work: Path) -> list[str]:
     """The command line of one engine run (writes its config first)."""
     path, dropped = write_config(mode, a, model, instance, klass, work)
-    return [sys.executable, str(HERE / "engine_run.py"), str(timing), str(a.warmup), str(a.steps), str(path),
-            ",".join(dropped)]
+    return [
+        sys.executable,
+        str(HERE / "engine_run.py"),
+        str(timing),
+        str(a.warmup),
+        str(a.steps),
+        str(path),
+        ",".join(dropped),
+    ]
 
 
 def main() -> None:

@@ -71,16 +71,24 @@ def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool) ->
     ms = timed(step, 15)
     ips = n / ms * 1e3
     peak = torch.cuda.max_memory_allocated() / 1e9
-    print(f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}: first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
-          f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB", flush=True)
+    print(
+        f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}: first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
+        f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB",
+        flush=True,
+    )
 
 
 def optim_cases(model_dir: Path) -> None:
     """Print milliseconds per optimizer step over the UNet's weights, for each optimizer variant."""
     from diffusers import UNet2DConditionModel
 
-    for name in ("flat-adamw-compiled", "flat-adamw-bf16state-compiled", "flat-adamw-eager", "torch-fused-fp32",
-                 "flat-adamw8bit"):
+    for name in (
+        "flat-adamw-compiled",
+        "flat-adamw-bf16state-compiled",
+        "flat-adamw-eager",
+        "torch-fused-fp32",
+        "flat-adamw8bit",
+    ):
         torch._dynamo.reset()
         dtype = torch.float32 if name == "torch-fused-fp32" else torch.bfloat16
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype).cuda()
@@ -107,13 +115,19 @@ def optim_cases(model_dir: Path) -> None:
                     opt8.update_range(s, e, flat.grad[s:e])
         else:
             flat = FlatParameters(unet.parameters(), dtype=dtype)
-            opt = FlatAdamW(flat, lr=5e-6, max_grad_norm=1.0, compile="compiled" in name,
-                            state_dtype=torch.bfloat16 if "bf16state" in name else torch.float32)
+            opt = FlatAdamW(
+                flat,
+                lr=5e-6,
+                max_grad_norm=1.0,
+                compile="compiled" in name,
+                state_dtype=torch.bfloat16 if "bf16state" in name else torch.float32,
+            )
             g = torch.randn(flat.numel, device="cuda", dtype=dtype) * 1e-3
 
             def step():
                 flat.grad.copy_(g)
                 opt.step()
+
         first = timed(step, 1) / 1e3
         ms = timed(step, 10)
         torch.cuda.empty_cache()

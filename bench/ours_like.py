@@ -55,7 +55,7 @@ def cache_latents(vae, folder: Path, device, size: int = 512, batch: int = 4) ->
     paths = sorted(folder.glob("*.jpg"))
     means, stds = [], []
     for i in range(0, len(paths), batch):
-        pixels = torch.stack([load_pixels(p, size) for p in paths[i:i + batch]])
+        pixels = torch.stack([load_pixels(p, size) for p in paths[i : i + batch]])
         pixels = torch.cat([pixels, pixels.flip(-1)]).to(device, torch.bfloat16)
         dist = vae.encode(pixels).latent_dist
         means.append(dist.mean)
@@ -111,15 +111,19 @@ def main() -> None:
     scaling = vae.config.scaling_factor
     del vae
     tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder",
-                                                 torch_dtype=torch.bfloat16).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=torch.bfloat16).to(
+        device
+    )
     emb_i = embed(tokenizer, text_encoder, "a photo of zwx dog", device)
     emb_c = embed(tokenizer, text_encoder, "a photo of dog", device)
     del text_encoder
     torch.cuda.empty_cache()
     clock.mark("cached")
-    print(f"cached latents + embeddings in {clock.marks['cached'] - clock.marks['process_start']:.1f} s, "
-          f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
+    print(
+        f"cached latents + embeddings in {clock.marks['cached'] - clock.marks['process_start']:.1f} s, "
+        f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB",
+        flush=True,
+    )
 
     weight_dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=weight_dtype).to(device)
@@ -139,9 +143,14 @@ def main() -> None:
             optimizer = FlatAdamW8bit(flat, lr=args.lr, weight_decay=1e-2)
         else:
             state = torch.bfloat16 if args.state_dtype == "bf16" else torch.float32
-            optimizer = FlatAdamW(flat, lr=args.lr, weight_decay=1e-2, state_dtype=state,
-                                  max_grad_norm=None if args.fused_backward else args.clip,
-                                  compile=args.optim_compile)
+            optimizer = FlatAdamW(
+                flat,
+                lr=args.lr,
+                weight_decay=1e-2,
+                state_dtype=state,
+                max_grad_norm=None if args.fused_backward else args.clip,
+                compile=args.optim_compile,
+            )
         stepper = BackwardStep(flat, optimizer) if args.fused_backward else None
     mode = None if args.compile == "default" else args.compile
     model = unet
@@ -205,8 +214,11 @@ def main() -> None:
 
         save_file({k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}, str(args.save))
     clock.mark("save_end")
-    clock.write(runner="ours-like", last_losses=last[-5:] if "last" in locals() else [],
-                settings={k: str(v) for k, v in vars(args).items()})
+    clock.write(
+        runner="ours-like",
+        last_losses=last[-5:] if "last" in locals() else [],
+        settings={k: str(v) for k, v in vars(args).items()},
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ REFERENCE_MODES = {
     "bf16-b1": ["--mixed_precision", "bf16", "--train_batch_size", "1"],
     "bf16-b8": ["--mixed_precision", "bf16", "--train_batch_size", "8"],
     "bf16-b16": ["--mixed_precision", "bf16", "--train_batch_size", "16"],
-    "lowmem-b1": ["--mixed_precision", "fp16", "--use_8bit_adam", "--gradient_checkpointing",
-                  "--train_batch_size", "1"],
+    "lowmem-b1": [
+        "--mixed_precision",
+        "fp16",
+        "--use_8bit_adam",
+        "--gradient_checkpointing",
+        "--train_batch_size",
+        "1",
+    ],
 }
 OURS_LIKE_MODES = {
     "speed-b1": ["--batch", "1"],
@@ -55,9 +61,11 @@ OURS_LIKE_MODES = {
     "lowmem-b1-graph": ["--batch", "1", "--optimizer", "adamw8bit", "--checkpointing", "--graph"],
 }
 RUNNERS = {"reference": REFERENCE_MODES, "ours-like": OURS_LIKE_MODES}
-PAIRS = [("speed b1", "reference:bf16-b1", ["ours-like:speed-b1", "engine:speed-b1"]),
-         ("speed b8", "reference:bf16-b8", ["ours-like:speed-b8", "engine:speed-b8"]),
-         ("low-memory b1", "reference:lowmem-b1", ["ours-like:lowmem-b1", "engine:lowmem-b1"])]
+PAIRS = [
+    ("speed b1", "reference:bf16-b1", ["ours-like:speed-b1", "engine:speed-b1"]),
+    ("speed b8", "reference:bf16-b8", ["ours-like:speed-b8", "engine:speed-b8"]),
+    ("low-memory b1", "reference:lowmem-b1", ["ours-like:lowmem-b1", "engine:lowmem-b1"]),
+]
 
 
 def batch_of(argv: list[str]) -> int:
@@ -72,18 +80,66 @@ def command(runner: str, mode: str, a, model: Path, instance: Path, klass: Path,
     """The command line of one run."""
     if runner == "reference":
         out = work / "reference-out"
-        return [sys.executable, str(HERE / "reference_run.py"), str(timing), str(a.warmup), str(a.steps),
-                str(a.reference), "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
-                "--class_data_dir", str(klass), "--with_prior_preservation", "--prior_loss_weight", "1.0",
-                "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT, "--num_class_images",
-                str(len(list(klass.glob('*.jpg')))), "--resolution", "512", "--learning_rate", "5e-6",
-                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps",
-                str(a.warmup + a.steps + 1), "--checkpointing_steps", "100000000", "--output_dir", str(out),
-                "--seed", "0", *REFERENCE_MODES[mode]]
+        return [
+            sys.executable,
+            str(HERE / "reference_run.py"),
+            str(timing),
+            str(a.warmup),
+            str(a.steps),
+            str(a.reference),
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--instance_data_dir",
+            str(instance),
+            "--class_data_dir",
+            str(klass),
+            "--with_prior_preservation",
+            "--prior_loss_weight",
+            "1.0",
+            "--instance_prompt",
+            INSTANCE_PROMPT,
+            "--class_prompt",
+            CLASS_PROMPT,
+            "--num_class_images",
+            str(len(list(klass.glob("*.jpg")))),
+            "--resolution",
+            "512",
+            "--learning_rate",
+            "5e-6",
+            "--lr_scheduler",
+            "constant",
+            "--lr_warmup_steps",
+            "0",
+            "--max_train_steps",
+            str(a.warmup + a.steps + 1),
+            "--checkpointing_steps",
+            "100000000",
+            "--output_dir",
+            str(out),
+            "--seed",
+            "0",
+            *REFERENCE_MODES[mode],
+        ]
     if runner == "ours-like":
-        return [sys.executable, str(HERE / "ours_like.py"), "--model", str(model), "--instance", str(instance),
-                "--class-dir", str(klass), "--timing", str(timing), "--warmup", str(a.warmup), "--steps",
-                str(a.steps), "--save", str(work / "ours-like.safetensors"), *OURS_LIKE_MODES[mode]]
+        return [
+            sys.executable,
+            str(HERE / "ours_like.py"),
+            "--model",
+            str(model),
+            "--instance",
+            str(instance),
+            "--class-dir",
+            str(klass),
+            "--timing",
+            str(timing),
+            "--warmup",
+            str(a.warmup),
+            "--steps",
+            str(a.steps),
+            "--save",
+            str(work / "ours-like.safetensors"),
+            *OURS_LIKE_MODES[mode],
+        ]
     if runner == "engine":
         from engine_run import engine_command
 
@@ -97,8 +153,9 @@ def summarize(name: str, argv: list[str], timing: dict, launch: float, rc: int, 
     if "timed_start" in timing and "timed_end" in timing:
         sps = steps / (timing["timed_end"] - timing["timed_start"])
         ips = sps * 2 * row["batch"]
-        row.update(steps_per_s=round(sps, 3), images_per_s=round(ips, 2),
-                   mfu=round(ips * FLOP_PER_SAMPLE / PEAK_FLOPS, 4))
+        row.update(
+            steps_per_s=round(sps, 3), images_per_s=round(ips, 2), mfu=round(ips * FLOP_PER_SAMPLE / PEAK_FLOPS, 4)
+        )
     if "peak_bytes" in timing:
         row["peak_gb"] = round(timing["peak_bytes"] / 1e9, 2)
     if "first_step_done" in timing:
@@ -115,9 +172,12 @@ def environment() -> dict:
     """GPU and library versions of this machine."""
     import torch
 
-    env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
     for name in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
         try:
             env[name] = __import__(name).__version__
@@ -128,31 +188,45 @@ def environment() -> dict:
 
 def table(rows: list[dict], env: dict) -> str:
     """The markdown table plus ratios of each of ours to the reference's closest mode."""
-    head = ("| run | batch | steps/s | images/s | MFU | peak GB | first step s | save s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| run | batch | steps/s | images/s | MFU | peak GB | first step s | save s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     lines = []
     for r in rows:
-        lines.append(f"| {r['run']}{'' if r['rc'] == 0 else ' (rc ' + str(r['rc']) + ')'} | {r['batch']} | "
-                     f"{r.get('steps_per_s', '–')} | {r.get('images_per_s', '–')} | "
-                     f"{format(r['mfu'], '.1%') if 'mfu' in r else '–'} | {r.get('peak_gb', '–')} | "
-                     f"{r.get('first_step_s', '–')} | {r.get('save_s', '–')} |")
+        lines.append(
+            f"| {r['run']}{'' if r['rc'] == 0 else ' (rc ' + str(r['rc']) + ')'} | {r['batch']} | "
+            f"{r.get('steps_per_s', '–')} | {r.get('images_per_s', '–')} | "
+            f"{format(r['mfu'], '.1%') if 'mfu' in r else '–'} | {r.get('peak_gb', '–')} | "
+            f"{r.get('first_step_s', '–')} | {r.get('save_s', '–')} |"
+        )
     by_name = {r["run"]: r for r in rows}
     notes = []
     for label, ref, ours_names in PAIRS:
         for ours in ours_names:
             if ref in by_name and ours in by_name and "steps_per_s" in by_name[ref] and "steps_per_s" in by_name[ours]:
                 ratio = by_name[ours]["steps_per_s"] / by_name[ref]["steps_per_s"]
-                notes.append(f"- {label}: {ours} / {ref} = **{ratio:.2f}×** steps/s "
-                             f"({by_name[ours].get('peak_gb', '?')} GB vs {by_name[ref].get('peak_gb', '?')} GB)")
-    ref_best = max((r for r in rows if r["run"].startswith("reference:") and "images_per_s" in r),
-                   key=lambda r: r["images_per_s"], default=None)
+                notes.append(
+                    f"- {label}: {ours} / {ref} = **{ratio:.2f}×** steps/s "
+                    f"({by_name[ours].get('peak_gb', '?')} GB vs {by_name[ref].get('peak_gb', '?')} GB)"
+                )
+    ref_best = max(
+        (r for r in rows if r["run"].startswith("reference:") and "images_per_s" in r),
+        key=lambda r: r["images_per_s"],
+        default=None,
+    )
     for prefix in ("ours-like:", "engine:"):
-        best = max((r for r in rows if r["run"].startswith(prefix) and "images_per_s" in r),
-                   key=lambda r: r["images_per_s"], default=None)
+        best = max(
+            (r for r in rows if r["run"].startswith(prefix) and "images_per_s" in r),
+            key=lambda r: r["images_per_s"],
+            default=None,
+        )
         if ref_best and best:
             ratio = best["images_per_s"] / ref_best["images_per_s"]
-            notes.append(f"- best large batch: {best['run']} {best['images_per_s']} images/s vs {ref_best['run']} "
-                         f"{ref_best['images_per_s']} images/s = **{ratio:.2f}×**")
+            notes.append(
+                f"- best large batch: {best['run']} {best['images_per_s']} images/s vs {ref_best['run']} "
+                f"{ref_best['images_per_s']} images/s = **{ratio:.2f}×**"
+            )
     envline = ", ".join(f"{k} {v}" for k, v in env.items())
     return f"{envline}\n\n{head}" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
@@ -199,8 +273,14 @@ def main() -> None:
         launch = time.time()
         with open(log_path, "w") as log:
             try:
-                rc = subprocess.run(argv, check=False, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                rc = subprocess.run(
+                    argv,
+                    check=False,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=a.timeout,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
         wall = time.time() - launch
@@ -210,8 +290,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         lines = log_path.read_text(errors="replace").splitlines()
         log_tail.append(f"===== {name} rc={rc}\n" + "\n".join(line[-300:] for line in lines[-60:]))
-        results_path.write_text(json.dumps({"environment": env, "warmup": a.warmup, "steps": a.steps, "rows": rows},
-                                           indent=1))
+        results_path.write_text(
+            json.dumps({"environment": env, "warmup": a.warmup, "steps": a.steps, "rows": rows}, indent=1)
+        )
         (a.out / "logs.txt").write_text("\n".join(log_tail))
     md = table(rows, env)
     (a.out / "results.md").write_text(md)

@@ -40,17 +40,30 @@ def build_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     with device:
         unet = UNet2DConditionModel.from_config(_config("unet"))
         vae = AutoencoderKL.from_config(_config("vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in _config("text_encoder").items()
-                                                       if k != "architectures"}))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(**{k: v for k, v in _config("text_encoder").items() if k != "architectures"})
+        )
     scheduler_config = json.loads((SD1_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
     scheduler = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
-    tokenizer = CLIPTokenizer(vocab_file=str(tokenizer_dir / "vocab.json"),
-                              merges_file=str(tokenizer_dir / "merges.txt"),
-                              bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                              pad_token="<|endoftext|>", model_max_length=77)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    tokenizer = CLIPTokenizer(
+        vocab_file=str(tokenizer_dir / "vocab.json"),
+        merges_file=str(tokenizer_dir / "merges.txt"),
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to("cpu")
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder

@@ -1,6 +1,5 @@
 """The optimizer step fused into backward gives the same weights as a step after backward, and frees gradients."""
 
-
 import torch
 
 from dreambooth.train.speed.adamw import FlatAdamW
@@ -10,8 +9,9 @@ from dreambooth.train.speed.flat import FlatParameters
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
-                               torch.nn.Linear(32, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+    )
 
 
 def test_fused_step_matches_the_step_after_backward_and_frees_gradients():

@@ -11,8 +11,14 @@ from dreambooth.train.speed.layout import to_channels_last
 
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
-                               torch.nn.Conv2d(8, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 5))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.GroupNorm(2, 8),
+        torch.nn.SiLU(),
+        torch.nn.Conv2d(8, 4, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 36, 5),
+    )
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +34,7 @@ def test_flat_views_keep_the_model_function_and_its_memory_format():
     assert torch.equal(model(x), before)
     conv = model[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    assert conv.data_ptr() == flat.data[flat.offsets[0]:].data_ptr()
+    assert conv.data_ptr() == flat.data[flat.offsets[0] :].data_ptr()
     assert all(off % 256 == 0 for off in flat.offsets)
 
 

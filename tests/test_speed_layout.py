@@ -29,6 +29,11 @@ def test_compile_blocks_wraps_the_repeated_blocks_only():
     count = compile_blocks(unet)
     wrapped = [m for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert count == len(wrapped) > 0
-    assert {type(m).__name__ for m in wrapped} <= {"BasicTransformerBlock", "ResnetBlock2D", "Transformer2DModel",
-                                                   "Downsample2D", "Upsample2D"}
+    assert {type(m).__name__ for m in wrapped} <= {
+        "BasicTransformerBlock",
+        "ResnetBlock2D",
+        "Transformer2DModel",
+        "Downsample2D",
+        "Upsample2D",
+    }
     assert getattr(unet, "_compiled_call_impl", None) is None

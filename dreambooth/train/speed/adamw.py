@@ -16,17 +16,27 @@ from .flat import FlatParameters
 from .rounding import copy_stochastic_
 
 
-def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step: torch.Tensor, lr: torch.Tensor, grad_scale: torch.Tensor, beta1: float, beta2: float,
-                  eps: float, weight_decay: float) -> None:
+def adamw_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    grad_scale: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One AdamW step in place on 1-D slices. ``step`` (count after this step), ``lr``, ``grad_scale`` are
     0-d fp32 device tensors. bf16 ``param``/state are written with stochastic rounding, fp32 ones exactly."""
     g = grad.float() * grad_scale
     p = param.float()
     m = exp_avg.float().lerp(g, 1.0 - beta1)
     v = exp_avg_sq.float() * beta2 + g * g * (1.0 - beta2)
-    bias1 = 1.0 - beta1 ** step
-    bias2 = 1.0 - beta2 ** step
+    bias1 = 1.0 - beta1**step
+    bias2 = 1.0 - beta2**step
     denom = v.sqrt() / bias2.sqrt() + eps
     p = p * (1.0 - lr * weight_decay) - (lr / bias1) * m / denom
     copy_stochastic_(param, p)
@@ -37,9 +47,17 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 class FlatAdamW:
     """AdamW on a :class:`FlatParameters`; ``state_dtype`` fp32 (exact moments) or bf16 (half the memory)."""
 
-    def __init__(self, flat: FlatParameters, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, state_dtype: torch.dtype = torch.float32,
-                 max_grad_norm: float | None = None, compile: bool = False) -> None:
+    def __init__(
+        self,
+        flat: FlatParameters,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        state_dtype: torch.dtype = torch.float32,
+        max_grad_norm: float | None = None,
+        compile: bool = False,
+    ) -> None:
         self.flat = flat
         device = flat.data.device
         self.beta1, self.beta2 = betas
@@ -62,16 +80,27 @@ class FlatAdamW:
 
     def update_range(self, start: int, stop: int, grad: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
         """Update ``flat.data[start:stop]`` from ``grad`` (same length), after :meth:`begin_step`."""
-        args = (self.flat.data[start:stop], grad, self.exp_avg[start:stop], self.exp_avg_sq[start:stop],
-                self.step_count, self.lr, self._one if grad_scale is None else grad_scale,
-                self.beta1, self.beta2, self.eps, self.weight_decay)
+        args = (
+            self.flat.data[start:stop],
+            grad,
+            self.exp_avg[start:stop],
+            self.exp_avg_sq[start:stop],
+            self.step_count,
+            self.lr,
+            self._one if grad_scale is None else grad_scale,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+        )
         try:
             self._update(*args)
         except Exception as exc:  # torch.compile fails before it runs anything: fall back to the eager kernel
             if self._update is adamw_update_:
                 raise
-            warnings.warn(f"the compiled AdamW update failed ({type(exc).__name__}: {exc}); using the eager one",
-                          stacklevel=2)
+            warnings.warn(
+                f"the compiled AdamW update failed ({type(exc).__name__}: {exc}); using the eager one", stacklevel=2
+            )
             self._update = adamw_update_
             self._update(*args)
 

@@ -13,6 +13,7 @@ from .flat import FlatParameters
 from .rounding import copy_stochastic_
 
 BLOCK = 256
+CHUNK = 32 * 1024 * 1024  # elements per update in step(): a multiple of BLOCK
 
 
 class FlatAdamW8bit:
@@ -82,7 +83,9 @@ class FlatAdamW8bit:
         """One step over the whole flat gradient (no clipping), then zero it."""
         assert self.flat.grad is not None, "FlatAdamW8bit.step needs FlatParameters(with_grad_buffer=True)"
         self.begin_step()
-        self.update_range(0, self.flat.numel, self.flat.grad)
+        for start in range(0, self.flat.numel, CHUNK):  # fp32 copies of one chunk at a time, not 2 × 3.4 GB
+            stop = min(start + CHUNK, self.flat.numel)
+            self.update_range(start, stop, self.flat.grad[start:stop])
         self.flat.zero_grad()
 
     def state_dict(self) -> dict:

@@ -29,8 +29,9 @@ class BackwardStep:
 
     def __init__(self, flat: FlatParameters, optimizer: RangeOptimizer, bucket_elems: int = 32 * 1024 * 1024) -> None:
         if flat.grad is not None:
-            raise ValueError("BackwardStep frees gradients bucket by bucket: "
-                             "build FlatParameters(with_grad_buffer=False).")
+            raise ValueError(
+                "BackwardStep frees gradients bucket by bucket: build FlatParameters(with_grad_buffer=False)."
+            )
         self.flat, self.optimizer = flat, optimizer
         self.buckets: list[list[int]] = []
         current: list[int] = []

@@ -16,8 +16,13 @@ import torch
 class FlatParameters:
     """Parameters re-homed into ``self.data`` (one 1-D tensor); gradients into ``self.grad`` when asked for."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], dtype: torch.dtype | None = None,
-                 with_grad_buffer: bool = True, align: int = 256) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        dtype: torch.dtype | None = None,
+        with_grad_buffer: bool = True,
+        align: int = 256,
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("FlatParameters needs at least one trainable parameter.")

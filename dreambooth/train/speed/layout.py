@@ -38,8 +38,17 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self.start
 
 
-def compile_blocks(module: torch.nn.Module, block_names: tuple[str, ...] = ("BasicTransformerBlock", "ResnetBlock2D",
-                   "Transformer2DModel", "Downsample2D", "Upsample2D"), mode: str | None = None) -> int:
+def compile_blocks(
+    module: torch.nn.Module,
+    block_names: tuple[str, ...] = (
+        "BasicTransformerBlock",
+        "ResnetBlock2D",
+        "Transformer2DModel",
+        "Downsample2D",
+        "Upsample2D",
+    ),
+    mode: str | None = None,
+) -> int:
     """Compile each repeated block in place (``nn.Module.compile``) instead of the whole model: blocks of one
     class share compiled code, so compilation takes a fraction of a whole-model compile, and each block's
     backward is its own graph (gradient hooks fire block by block). Outer-most matches win; returns the count."""
@@ -69,8 +78,9 @@ class _Denoiser(torch.nn.Module):
         return self.unet(sample, timesteps, context, return_dict=False)[0]
 
 
-def graph_denoiser(unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
-                   context: torch.Tensor) -> torch.nn.Module:
+def graph_denoiser(
+    unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+) -> torch.nn.Module:
     """Capture the UNet's forward and backward as CUDA graphs (``torch.cuda.make_graphed_callables``) for inputs
     of exactly these shapes, dtypes and memory formats; the result is called as ``f(sample, timesteps, context)``
     and replays both graphs, so a step costs a handful of launches instead of thousands. No compiler needed.
