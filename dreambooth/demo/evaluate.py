@@ -21,6 +21,12 @@ _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32) * 255
 MIN_AREA = 24  # pixels; smaller regions are specks, not shapes
 SECOND_COLOUR_SHARE = 0.2  # a second colour this common makes a two-tone shape
+# Thresholds set from the shipped autoencoder's reconstructions of rendered scenes (not from model samples):
+# solidity -- triangles 0.84-0.92, squares 0.91-0.97, circles 0.95-0.97, subject-sized stars 0.72-0.83;
+# fill -- triangles 0.45-0.56, squares 0.66-0.78, circles 0.83-0.93.
+STAR_SOLIDITY = 0.84
+CIRCLE_FILL = 0.80
+SQUARE_FILL = 0.565
 
 
 @dataclass
@@ -63,11 +69,11 @@ def judge_batch(images: np.ndarray) -> list[Verdict]:
 
 
 def _classify(solidity: float, fill: float) -> str:
-    if solidity < 0.8:
+    if solidity < STAR_SOLIDITY:
         return "star"
-    if fill > 0.78:
+    if fill > CIRCLE_FILL:
         return "circle"
-    if fill > 0.5:
+    if fill > SQUARE_FILL:
         return "square"
     return "triangle"
 

@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--text-lr", type=float, default=1e-3)
     train.add_argument("--pool", type=int, default=200_000)
-    train.add_argument("--vae-from", type=Path, default=None)
+    train.add_argument("--vae-from", type=Path, default=None, help="reuse this run's autoencoder")
+    train.add_argument("--init-from", type=Path, default=None, help="continue from this run's UNet and text encoder")
     train.add_argument("--samples", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--tokenizer-dir", default="")
@@ -271,6 +272,13 @@ def run_training(args: argparse.Namespace) -> None:
     tokenizer = load_clip_tokenizer(find_tokenizer_dir(args.tokenizer_dir, args.out / "tokenizer"))
     unet, vae, text_encoder = build_components(args.seed)
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+            state = load_file(str(args.init_from / f"{name}.safetensors"))
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+        report["init_from"] = str(args.init_from)
     if args.vae_from:
         from safetensors.torch import load_file
 

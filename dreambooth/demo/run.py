@@ -13,6 +13,8 @@ and the base model's, from 0 = same to 1 = disjoint).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -95,31 +97,36 @@ class DemoReport:
 
 
 def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path = DEMO_CHECKPOINT,
-             config_dir: Path = DEMO_CONFIG_DIR, events: Any = None) -> DemoReport:
-    """Write the instance images, train with and without prior preservation, score base and both, draw a grid."""
+             config_dir: Path = DEMO_CONFIG_DIR, events: Any = None,
+             overrides: dict[str, Any] | None = None, tokenizer_dir: str = "") -> DemoReport:
+    """Write the instance images, train with and without prior preservation, score base and both, draw a grid.
+
+    ``overrides`` replaces fields of :class:`DemoSettings` (for measuring other settings).
+    """
     from ..engine import run as run_engine
     from ..events import Events
     from ..models.load import load_model
 
     started = time.time()
-    options = settings(quick)
+    options = dataclasses.replace(settings(quick), **(overrides or {}))
     out_dir = Path(out_dir)
     instance_dir = write_instance_images(out_dir / "instance", seed)
     checkpoints = {}
     for name, prior in (("prior", True), ("no prior", False)):
         model_name = "shapes-zwx-" + name.replace(" ", "")
         config = demo_config(model_name, instance_dir, checkpoint, config_dir, options, prior, seed)
+        config.tokenizer_dir = tokenizer_dir
         model_dir = out_dir / model_name
         log = events or Events(log_path=model_dir / "logs" / "events.jsonl")
         result = run_engine(config, model_dir, log)
         checkpoints[name] = result.checkpoints[-1]
     rows, pictures = [], {}
     base = load_model(checkpoint, out_dir / "base" / "working", out_dir / "base" / "cache",
-                      config_dir=str(config_dir)).components
+                      tokenizer_dir, str(config_dir)).components
     models = {"base": base}
     for name, path in checkpoints.items():
         models[name] = load_model(path, out_dir / "eval" / name.replace(" ", ""), out_dir / "eval" / "cache",
-                                  config_dir=str(config_dir)).components
+                                  tokenizer_dir, str(config_dir)).components
     base_class: list[Verdict] = []
     for name, components in models.items():
         samples = {prompt: _sample(components, prompt, options, seed + 100_000)
@@ -219,10 +226,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT)
     parser.add_argument("--config-dir", type=Path, default=DEMO_CONFIG_DIR)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a DemoSettings field, e.g. --set steps=400")
+    parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
+    parser.add_argument("--tokenizer-dir", default="", help="folder with the CLIP vocab.json and merges.txt")
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name] = json.loads(value)
     report = run_demo(args.out_dir, args.quick, args.seed, args.checkpoint, args.config_dir,
-                      events=_QuietEvents())
+                      events=_QuietEvents(), overrides=overrides, tokenizer_dir=args.tokenizer_dir)
     print(report.table())
+    if args.json:
+        print(json.dumps({"seed": args.seed, "settings": dataclasses.asdict(report.settings),
+                          "seconds": round(report.seconds, 1), "rows": [dataclasses.asdict(r) for r in report.rows]}))
     print(f"\ncheckpoints: {', '.join(str(p) for p in report.checkpoints.values())}\ngrid: {report.grid}\n"
           f"seconds: {report.seconds:.1f}")
 
