@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
 def _cancel_when_stdin_closes(model_dir: Path) -> None:
     import threading
 
-    from .engine import CANCEL_FILE
+    from .events import CANCEL_FILE
 
     def watch() -> None:
         while sys.stdin.readline():

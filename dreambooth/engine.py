@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,24 +21,13 @@ from .data.class_images import class_image_folder, existing_class_images, genera
 from .data.dataset import Example, class_examples, instance_examples
 from .data.images import check_images
 from .errors import Cancelled, ConfigError, DatasetError, DiskFullError, DreamBoothError, OutOfMemoryAdvice
-from .events import Events
+from .events import CANCEL_FILE, Events
 from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_checkpoint
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
-from .train.loop import Outcome, Run, train
+from .train.loop import Run, RunResult, train
 
-CANCEL_FILE = "cancel.request"
 CLASS_BATCH = 4
-
-
-@dataclass
-class RunResult:
-    """What a finished run produced."""
-
-    step: int
-    cancelled: bool
-    checkpoints: list[Path] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
 
 
 def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
@@ -137,7 +125,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     )
 
     output_dir = Path(config.output_dir) if config.output_dir else model_dir / "checkpoints"
-    outcome: Outcome = train(
+    outcome: RunResult = train(
         Run(
             config=config,
             components=components,
@@ -164,9 +152,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     events.emit(
         "finished", step=outcome.step, cancelled=outcome.cancelled, checkpoints=[str(p) for p in outcome.checkpoints]
     )
-    return RunResult(
-        step=outcome.step, cancelled=outcome.cancelled, checkpoints=outcome.checkpoints, losses=outcome.losses
-    )
+    return outcome
 
 
 def total_steps(config: TrainConfig, num_instance: int) -> int:

@@ -23,6 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+CANCEL_FILE = "cancel.request"
+"""The other direction of the protocol: a file of this name in the model folder asks the run to stop after the
+current step (the supervisor, the tab's Cancel and the web UI's Interrupt all create it)."""
+
 
 class Events:
     """Where the engine reports what happens; front ends read the same lines back."""

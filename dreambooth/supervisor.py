@@ -34,11 +34,11 @@ from .config import (
     validate_for_training,
 )
 from .errors import ConfigError, DreamBoothError
+from .events import CANCEL_FILE
 from .host.base import Host
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAME = "config.json"
-CANCEL_REQUEST = "cancel.request"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 HISTORY_LIMIT = 2000
 SAMPLES_KEPT = 16
@@ -186,7 +186,7 @@ class Supervisor:
         try:
             self.save_config(config)
             folder = self.model_dir(config.model_name)
-            (folder / CANCEL_REQUEST).unlink(missing_ok=True)
+            (folder / CANCEL_FILE).unlink(missing_ok=True)
             self._model_dir = folder
             self._output_tail.clear()
             self._terminated = False
@@ -231,7 +231,7 @@ class Supervisor:
                 self._status.message = "Stopping after the current step"
             folder = self._model_dir
         try:
-            (folder / CANCEL_REQUEST).touch()
+            (folder / CANCEL_FILE).touch()
         except OSError as exc:
             with self._lock:
                 self._status.warnings.append(f"Could not write the cancel request ({exc}); stopping the process.")
@@ -259,7 +259,8 @@ class Supervisor:
         log_dir = config_path.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "child-stderr.log", "w", encoding="utf-8") as stderr:
-            return subprocess.Popen([*self.launcher, "train", str(config_path), "--json", "--cancel-on-stdin-eof"], cwd=str(REPO_ROOT), env=env,
+            command = [*self.launcher, "train", str(config_path), "--json", "--cancel-on-stdin-eof"]
+            return subprocess.Popen(command, cwd=str(REPO_ROOT), env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                     text=True, encoding="utf-8", errors="replace", bufsize=1)
 
@@ -385,7 +386,7 @@ class Supervisor:
     def _clean_up(self) -> None:
         try:
             if self._model_dir is not None:
-                (self._model_dir / CANCEL_REQUEST).unlink(missing_ok=True)
+                (self._model_dir / CANCEL_FILE).unlink(missing_ok=True)
             self._host_call("clear the progress", self.host.job_finished)
             self._host_call("refresh the checkpoint list", self.host.refresh_checkpoints)
             self._host_call("reload the web UI's model", self.host.reload_model)

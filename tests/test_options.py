@@ -215,7 +215,7 @@ def test_log_every_batches_the_step_events(make_config, tmp_path):
 
 
 def test_bf16_weights_learn_through_stochastic_rounding_and_resume_exactly(make_config, tmp_path):
-    from dreambooth.engine import CANCEL_FILE
+    from dreambooth.events import CANCEL_FILE
 
     config = make_config(max_steps=4, weights_dtype="bf16", optimizer_in_backward=True, learning_rate=1e-4)
     straight = run(config, tmp_path / "a" / "zwx", Events())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dreambooth.engine import CANCEL_FILE, run
-from dreambooth.events import Events
+from dreambooth.engine import run
+from dreambooth.events import CANCEL_FILE, Events
 from dreambooth.models.read import read_tensors
 
 

@@ -51,8 +51,8 @@ class Run:
 
 
 @dataclass
-class Outcome:
-    """How the loop ended."""
+class RunResult:
+    """How a run ended: the last step, whether it was cancelled, the checkpoints it saved and every step's loss."""
 
     step: int
     cancelled: bool
@@ -69,7 +69,7 @@ def step_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
 
 
-def train(run: Run) -> Outcome:
+def train(run: Run) -> RunResult:
     """Train until ``run.total_steps`` optimizer steps are done or a cancel is requested."""
     cfg, unet, text_encoder = run.config, run.components.unet, run.components.text_encoder
     scheduler = run.components.scheduler
@@ -140,7 +140,7 @@ def train(run: Run) -> Outcome:
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     )
     te_stop_step = math.ceil(cfg.text_encoder_stop * run.total_steps)
-    outcome = Outcome(step=step, cancelled=False)
+    outcome = RunResult(step=step, cancelled=False)
     losses, pending = DeviceScalars(), []
     started, first_step = time.perf_counter(), step
 
