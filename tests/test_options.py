@@ -135,7 +135,7 @@ CASES: dict[str, tuple] = {
     "concepts.class_prompt": ({"concept": {"class_prompt": "a photo of a ball"}}, "class_images"),
     "concepts.num_class_images": ({"concept": {"num_class_images": 2}}, "class_images"),
     "concepts.class_negative_prompt": ({"concept": {"class_negative_prompt": "blurry"}}, "class_images"),
-    "concepts.class_guidance_scale": ({"concept": {"class_guidance_scale": 2.0}}, "class_images"),
+    "concepts.class_guidance_scale": ({"concept": {"class_guidance_scale": 1.0}}, "class_images"),
     "concepts.class_infer_steps": ({"concept": {"class_infer_steps": 3}}, "class_images"),
     "concepts.class_seed": ({"concept": {"class_seed": 9}}, "class_images"),
     "concepts.sample_prompts": ({"concept": {"sample_prompts": ["zwx disc", "a disc"]}}, "sample_count"),
