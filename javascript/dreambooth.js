@@ -1,20 +1,36 @@
 // DreamBooth tab: while a run is active, ask the server for its progress once a second by clicking the
-// tab's hidden poll button. The loop stops when the run is idle, when the tab is hidden (another tab or a
-// background browser tab) and when the page goes; it starts again on Train, on page load and when the tab
-// is shown again.
+// tab's hidden poll button (every 5 s while the tab is hidden, e.g. while the user is on txt2img). Each time the
+// list of saved checkpoints grows, the web UI's own checkpoint refresh button is clicked, so the new file is in
+// the txt2img dropdown at once. The loop stops when the run is idle, when the page goes, and while a hidden tab
+// has no run; it starts again on Train, on page load and when the tab is shown again.
 (function () {
     if (window.dreamboothTab) return;
     var POLL_MS = 1000;
+    var HIDDEN_EVERY = 5;  // while the tab is hidden, poll on every 5th tick
     var IDLE_TICKS = 3;  // polls answered "idle" before the loop stops (covers the start of a run)
     var timer = null;
     var idleTicks = 0;
     var waiting = false;
+    var ticks = 0;
+    var checkpointsSeen = -1;
 
     function root() {
         var app = document.querySelector("gradio-app");
         return (app && app.shadowRoot) || document;
     }
-    function find(id) { return root().querySelector("#" + id); }
+    function find(id) { return root().querySelector("#" + id) || document.getElementById(id); }
+    function savedCheckpoints() {
+        var list = find("dreambooth_checkpoints");
+        return list ? list.querySelectorAll("input[type=radio]").length : 0;
+    }
+    function refreshWebUiCheckpoints() {
+        var now = savedCheckpoints();
+        if (checkpointsSeen >= 0 && now > checkpointsSeen) {
+            var refresh = find("refresh_sd_model_checkpoint");  // the web UI's quicksettings 🔄
+            if (refresh) refresh.click();
+        }
+        checkpointsSeen = now;
+    }
     function runState() {
         var box = find("dreambooth_run_state");
         var input = box && box.querySelector("textarea, input");
@@ -43,8 +59,13 @@
     function tick() {
         var poll = find("dreambooth_poll");
         if (!poll) { stop(); return; }
-        if (!tabShown()) { stop(); resumeWhenShown(); return; }
-        if (runState() === "running") idleTicks = 0;
+        refreshWebUiCheckpoints();  // what the previous poll brought
+        var running = runState() === "running";
+        if (!tabShown()) {
+            if (!running) { stop(); resumeWhenShown(); return; }
+            if (++ticks % HIDDEN_EVERY !== 0) return;
+        }
+        if (running) idleTicks = 0;
         else if (++idleTicks > IDLE_TICKS) { stop(); return; }
         poll.click();
     }

@@ -142,6 +142,13 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     field(page, "dreambooth_sample_every").fill("2")
     field(page, "dreambooth_sample_steps").fill("2")
 
+    # The web UI's checkpoint refresh button (quicksettings 🔄), as A1111 has it: counts its clicks.
+    page.evaluate(
+        """() => { const b = document.createElement('button'); b.id = 'refresh_sd_model_checkpoint';
+                   window.refreshClicks = 0; b.onclick = () => { window.refreshClicks += 1; };
+                   document.body.appendChild(b); }"""
+    )
+
     # Train: the run finishes with its checkpoints listed.
     page.locator("#dreambooth_train").click()
     expect(message(page)).to_contain_text("Training zwx")
@@ -152,6 +159,8 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     checkpoints = page.locator("#dreambooth_checkpoints")
     expect(checkpoints).to_contain_text("zwx_4.safetensors")
     expect(checkpoints).to_contain_text("zwx_2.safetensors")
+    # Each new checkpoint made the page click the web UI's refresh, so txt2img's dropdown lists it at once.
+    page.wait_for_function("() => window.refreshClicks >= 1", timeout=10_000)
     config = app.supervisor.load_config("zwx")
     assert (config.max_steps, config.resolution, config.device, config.prior_preservation) == (4, 64, "cpu", False)
     assert config.concepts[0].sample_prompts == ["photo of zwx disc"] and config.sample_every == 2
@@ -183,6 +192,11 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
         page.wait_for_timeout(100)
     assert len(running_steps) >= 3, running_steps
     assert "it/s" in progress_text(page)
+    # On another tab (txt2img) the page keeps watching the run, more slowly.
+    page.evaluate("() => { document.querySelector('#dreambooth_progress').style.display = 'none'; }")
+    page.wait_for_timeout(2_500)
+    assert page.evaluate("() => window.dreamboothTab.active()")
+    page.evaluate("() => { document.querySelector('#dreambooth_progress').style.display = ''; }")
     page.locator("#dreambooth_cancel").click()
     expect(message(page)).to_contain_text("Stopping zwx")
     stopped = wait_for_state(page, {"cancelled"})
