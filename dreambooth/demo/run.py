@@ -42,7 +42,7 @@ class DemoSettings:
     """The knobs of one demo run; :func:`settings` gives the default and the quick (CI) ones."""
 
     steps: int = 300
-    learning_rate: float = 2e-4
+    learning_rate: float = 4e-4
     batch_size: int = 2
     num_class_images: int = 32
     class_steps: int = 15
