@@ -12,7 +12,7 @@ from dreambooth.demo.evaluate import judge, judge_batch
 
 def _scenes(count: int, seed: int) -> shapes.Scenes:
     return shapes.sample_scenes(count, torch.Generator().manual_seed(seed), shapes=shapes.SHAPES,
-                                radius_range=(0.3, 0.62))
+                                radius_range=(0.38, 0.62))
 
 
 def test_same_seed_same_pictures_and_captions():
