@@ -138,7 +138,9 @@ def _options(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    print(report.table())
+    print(f"sample grid: {report.grid}")
     return 0
 
 
