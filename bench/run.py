@@ -25,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO))  # the engine and its shared pieces (tokenizer, configs)
 
 PEAK_FLOPS = 790e12
 FLOP_PER_SAMPLE = 2.41e12
@@ -251,7 +252,6 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not (a.tokenizer / "vocab.json").is_file():  # made here from open_clip's vocabulary (the GPU box has none)
-        sys.path.insert(0, str(REPO))
         from dreambooth.models.tokenizer import find_tokenizer_dir
 
         a.tokenizer = find_tokenizer_dir(None, a.tokenizer)

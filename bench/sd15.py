@@ -30,7 +30,9 @@ def build_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth.models.tokenizer import load_clip_tokenizer
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
@@ -45,15 +47,7 @@ def build_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         )
     scheduler_config = json.loads((SD1_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
     scheduler = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
-    tokenizer = CLIPTokenizer(
-        vocab_file=str(tokenizer_dir / "vocab.json"),
-        merges_file=str(tokenizer_dir / "merges.txt"),
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
+    tokenizer = load_clip_tokenizer(Path(tokenizer_dir))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
