@@ -183,3 +183,11 @@ def test_out_of_memory_becomes_advice(make_config, model_dir, events, monkeypatc
     error = _error_event(events)
     assert error["kind"] == "OutOfMemoryAdvice" and "gradient checkpointing" in error["advice"]
     assert not (model_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])  # torch's optimizer path and the flat bf16 path
+def test_adamw_8bit_without_a_usable_bitsandbytes_says_what_to_do(make_config, model_dir, events, weights):
+    with pytest.raises(ConfigError, match="bitsandbytes") as error:
+        run(make_config(optimizer="adamw_8bit", weights_dtype=weights), model_dir, events)
+    assert "pick adamw" in error.value.advice
+    assert not (model_dir / "checkpoints").exists()

@@ -16,28 +16,9 @@ def build_optimizer(config: TrainConfig, groups: list[dict], allow_8bit: bool = 
     name = "adamw" if config.optimizer == "adamw_8bit" and not allow_8bit else config.optimizer
     if name == "adamw":
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(
-            groups,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-            **({"fused": True} if on_cuda else {}),
-        )
+        return torch.optim.AdamW(groups, **adam_arguments(config), **({"fused": True} if on_cuda else {}))
     if name == "adamw_8bit":
-        bnb = bitsandbytes_or_none()
-        if bnb is None:
-            raise ConfigError(
-                "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
-                "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor.",
-            )
-        return bnb.optim.AdamW8bit(
-            groups,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-        )
+        return require_bitsandbytes().optim.AdamW8bit(groups, **adam_arguments(config))
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -50,6 +31,27 @@ def build_optimizer(config: TrainConfig, groups: list[dict], allow_8bit: bool = 
             weight_decay=config.weight_decay,
         )
     raise ConfigError(f"Unknown optimizer {config.optimizer!r}.")
+
+
+def adam_arguments(config: TrainConfig) -> dict:
+    """Learning rate, betas, epsilon and weight decay of the AdamW variants, as keyword arguments."""
+    return {
+        "lr": config.learning_rate,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "eps": config.adam_epsilon,
+        "weight_decay": config.weight_decay,
+    }
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a ConfigError saying how to get it or what to pick instead."""
+    bnb = bitsandbytes_or_none()
+    if bnb is None:
+        raise ConfigError(
+            "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
+            "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor.",
+        )
+    return bnb
 
 
 def bitsandbytes_or_none():

@@ -19,8 +19,7 @@ import importlib.util
 import torch
 
 from ..config import TrainConfig
-from ..errors import ConfigError
-from .optim import bitsandbytes_or_none, build_lr_scheduler, build_optimizer, trainable
+from .optim import adam_arguments, build_lr_scheduler, build_optimizer, require_bitsandbytes, trainable
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
 
@@ -122,24 +121,14 @@ class Updater:
 def _flat_optimizer(config: TrainConfig, flat: FlatParameters, compile_optimizer: bool):
     from .speed.adamw import FlatAdamW
 
-    betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "adamw_8bit":
-        if bitsandbytes_or_none() is None:
-            raise ConfigError(
-                "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
-                "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw.",
-            )
+        require_bitsandbytes()
         from .speed.adamw8bit import FlatAdamW8bit
 
-        return FlatAdamW8bit(
-            flat, lr=config.learning_rate, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay
-        )
+        return FlatAdamW8bit(flat, **adam_arguments(config))
     return FlatAdamW(
         flat,
-        lr=config.learning_rate,
-        betas=betas,
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
+        **adam_arguments(config),
         max_grad_norm=config.max_grad_norm or None,
         compile=compile_optimizer and flat.data.is_cuda and importlib.util.find_spec("triton") is not None,
     )
