@@ -11,6 +11,7 @@ the shipped single file (original layout) and config folder.
 
     python -m dreambooth.demo.pretrain train --out OUT [--vae-seconds 90 --unet-seconds 300]
     python -m dreambooth.demo.pretrain export OUT dreambooth/demo/model
+    python -m dreambooth.demo.pretrain unpack dreambooth/demo/model OUT   # the shipped model as a run to continue
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ SCHEDULER = {
 }
 OFFSET_NOISE = 0.1
 CAPTION_DROPOUT = 0.1
+RARE_WORD_RATE = 0.3  # share of captions that get 1-3 random tokens at a random word boundary
+FIRST_WORD_TOKEN = 256  # ids below are single bytes
 
 
 def build_components(seed: int = 0) -> tuple[Any, Any, Any]:
@@ -131,6 +134,10 @@ class SceneLatents:
 
     Captions are drawn afresh for every use, so one scene is seen under several of its captions; the token ids
     of every (template, colour, shape, background) combination are tokenised once into a lookup table.
+    ``RARE_WORD_RATE`` of the captions get random tokens inserted ("a red qu√k circle"), so the model meets
+    words it does not know, learns that they do not change the picture, and gives them embeddings of the same
+    kind as known words: the situation of a real base model meeting a DreamBooth instance word. The tokens of
+    ``shapes.INSTANCE_WORD`` are never drawn.
     """
 
     def __init__(self, vae: Any, tokenizer: Any, count: int, device: torch.device, generator: torch.Generator,
@@ -154,6 +161,10 @@ class SceneLatents:
         self.table = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt").input_ids.to(device)
         self.template_weights = torch.tensor([w for _, w in shapes.CAPTION_TEMPLATES], device=device)
+        self.end_token = tokenizer.eos_token_id
+        vocabulary = torch.arange(FIRST_WORD_TOKEN, tokenizer.eos_token_id - 1)
+        reserved = torch.tensor(tokenizer(shapes.INSTANCE_WORD, add_special_tokens=False).input_ids)
+        self.rare_tokens = vocabulary[~torch.isin(vocabulary, reserved)].to(device)
 
     def batch(self, size: int, scale: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents (sampled from each posterior) and caption token ids of ``size`` random pool entries."""
@@ -164,7 +175,24 @@ class SceneLatents:
         template = torch.multinomial(self.template_weights, size, replacement=True)
         row = ((template * n + c) * len(shapes.BASE_SHAPES) + k) * n + b
         row = torch.where(torch.rand(size, device=self.device) < dropout, len(self.table) - 1, row)
-        return latents, self.table[row]
+        ids = self.table[row]
+        for _ in range(3):  # up to three random tokens, each at a random place among the caption's words
+            chosen = (torch.rand(size, device=self.device) < RARE_WORD_RATE) & (row != len(self.table) - 1)
+            ids = insert_tokens(ids, self.rare_tokens, chosen, self.end_token)
+        return latents, ids
+
+
+def insert_tokens(ids: torch.Tensor, vocabulary: torch.Tensor, chosen: torch.Tensor, end_token: int) -> torch.Tensor:
+    """Insert one token drawn from ``vocabulary`` into each ``chosen`` row of ``ids`` (B, L), after the start token
+    and at or before the first end token; the row's last position falls off (it is padding)."""
+    size, length = ids.shape
+    positions = torch.arange(length, device=ids.device).expand(size, length)
+    first_end = torch.where(ids == end_token, positions, length - 1).amin(1)
+    at = 1 + (torch.rand(size, device=ids.device) * first_end.clamp(min=1)).long()
+    token = vocabulary[torch.randint(len(vocabulary), (size,), device=ids.device)]
+    shifted = torch.gather(ids, 1, (positions - (positions > at[:, None]).long()))
+    inserted = torch.where(positions == at[:, None], token[:, None], shifted)
+    return torch.where(chosen[:, None], inserted, ids)
 
 
 def train_unet(unet: Any, text_encoder: Any, pool: SceneLatents, scale: float, seconds: float, batch: int,
@@ -252,9 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     export = sub.add_parser("export")
     export.add_argument("trained", type=Path)
     export.add_argument("model_dir", type=Path)
+    unpack = sub.add_parser("unpack")
+    unpack.add_argument("model_dir", type=Path)
+    unpack.add_argument("out", type=Path)
+    unpack.add_argument("--tokenizer-dir", default="")
     args = parser.parse_args(argv)
     if args.command == "export":
         export_model(args.trained, args.model_dir)
+    elif args.command == "unpack":
+        unpack_model(args.model_dir, args.out, args.tokenizer_dir)
     else:
         run_training(args)
 
@@ -287,7 +321,9 @@ def run_training(args: argparse.Namespace) -> None:
         report["vae_from"] = str(args.vae_from)
     else:
         report.update(train_vae(vae, args.vae_seconds, args.vae_batch, device, generator))
-    vae.register_to_config(scaling_factor=latent_scale(vae, device, generator))
+    previous = json.loads((args.vae_from / "configs.json").read_text())["vae"] if args.vae_from else {}
+    # a reused autoencoder keeps its scale: a continued UNet was trained on latents of that scale
+    vae.register_to_config(scaling_factor=previous.get("scaling_factor") or latent_scale(vae, device, generator))
     report["scaling_factor"] = vae.config.scaling_factor
     print(report, flush=True)
     started = time.time()
@@ -345,6 +381,27 @@ def export_model(trained: Path, model_dir: Path) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     write_config_folder(configs, model_dir / "config")
     return path
+
+
+def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:
+    """The inverse of :func:`export_model`: the shipped file as a run folder for ``--init-from``/``--vae-from``."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..models.load import load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        loaded = load_model(model_dir / "shapes-sd1.safetensors", Path(scratch) / "working", Path(scratch) / "cache",
+                            tokenizer_dir=tokenizer_dir, config_dir=str(model_dir / "config"))
+    c = loaded.components
+    for name, model in (("unet", c.unet), ("vae", c.vae), ("text_encoder", c.text_encoder)):
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / f"{name}.safetensors"))
+    configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}
+    (out / "configs.json").write_text(json.dumps(configs, indent=1, default=list))
+    return out
 
 
 def write_config_folder(configs: dict[str, dict], folder: Path) -> Path:

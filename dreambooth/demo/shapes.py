@@ -5,9 +5,11 @@ Every picture is one shape on a plain background, drawn with anti-aliased edges 
 pretraining pictures on a GPU. Every shape is a polygon that is star-shaped around its centre, described by
 ``VERTICES`` boundary points; it is drawn as the union of the fan of triangles from the centre.
 
-The base model's world: circles, squares and triangles in six colours (``BASE_COLOURS``) on backgrounds of
-those colours. The DreamBooth subject lies outside it: a five-pointed star, magenta on its left half and cyan
-on its right (``SUBJECT``) -- a shape and two colours the text-to-image model never saw.
+The base model's world: circles, squares, triangles and stars, each of one of the eight colours
+(``BASE_COLOURS``), on a background of another. The DreamBooth subject lies outside it: a five-pointed star,
+magenta on its left half and cyan on its right -- a particular object of a known class ("a shape"), made of
+known parts, that the text-to-image model never saw: no pretraining picture has two colours. Its instance
+word, ``INSTANCE_WORD``, never occurs in a pretraining caption either.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "magenta": (1.0, 0.0, 1.0),
     "cyan": (0.0, 1.0, 1.0),
 }
-BASE_COLOURS = ("red", "green", "blue", "yellow", "white", "black")
-BASE_SHAPES = ("circle", "square", "triangle")
-SHAPES = BASE_SHAPES + ("star",)
+BASE_COLOURS = tuple(COLOURS)
+SHAPES = ("circle", "square", "triangle", "star")
+BASE_SHAPES = SHAPES
 SUBJECT_COLOURS = ("magenta", "cyan")
+INSTANCE_WORD = "zwx"
 VERTICES = 60
 STAR_INNER_RATIO = 0.45
 IMAGE_SIZE = 64
