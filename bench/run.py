@@ -69,8 +69,13 @@ PAIRS = [
 ]
 
 
-def batch_of(argv: list[str]) -> int:
-    """The per-step batch (instance images) a run's arguments ask for."""
+def batch_of(name: str, argv: list[str]) -> int:
+    """The per-step batch (instance images) of run ``name`` with command line ``argv``."""
+    runner, _, mode = name.partition(":")
+    if runner == "engine":
+        from engine_run import ENGINE_MODES
+
+        return ENGINE_MODES[mode]["batch_size"]
     for flag in ("--train_batch_size", "--batch"):
         if flag in argv:
             return int(argv[argv.index(flag) + 1])
@@ -150,7 +155,7 @@ def command(runner: str, mode: str, a, model: Path, instance: Path, klass: Path,
 
 def summarize(name: str, argv: list[str], timing: dict, launch: float, rc: int, wall: float, steps: int) -> dict:
     """One row of results from a run's timing marks."""
-    row = {"run": name, "rc": rc, "wall_s": round(wall, 1), "batch": batch_of(argv)}
+    row = {"run": name, "rc": rc, "wall_s": round(wall, 1), "batch": batch_of(name, argv)}
     if "timed_start" in timing and "timed_end" in timing:
         sps = steps / (timing["timed_end"] - timing["timed_start"])
         ips = sps * 2 * row["batch"]

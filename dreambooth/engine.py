@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +28,8 @@ from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_chec
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train
+
+T = TypeVar("T")
 
 CLASS_BATCH = 4
 
@@ -124,6 +128,11 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         config.cache_text_embeddings and not config.train_text_encoder,
     )
 
+    helpers = _FrozenHelpers(components, device)
+    if device.type == "cuda" and latents.use_cache and prompts.use_cache:
+        prompts([e.prompt for e in instance + classes], trainable=False)
+        helpers.park()  # the step reads only cached latents and embeddings: free the GPU of VAE and text encoder
+
     output_dir = Path(config.output_dir) if config.output_dir else model_dir / "checkpoints"
     outcome: RunResult = train(
         Run(
@@ -145,7 +154,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
             },
             events=events,
             save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
-            render_samples=lambda step: _samples(config, loaded, model_dir, step),
+            render_samples=lambda step: helpers.lent(lambda: _samples(config, loaded, model_dir, step)),
             cancel_requested=cancel_file.exists,
         )
     )
@@ -153,6 +162,34 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         "finished", step=outcome.step, cancelled=outcome.cancelled, checkpoints=[str(p) for p in outcome.checkpoints]
     )
     return outcome
+
+
+class _FrozenHelpers:
+    """The VAE and the frozen text encoder: parked in CPU memory while training needs neither, lent back to the
+    GPU for sample previews (about 0.8 GB of GPU memory at SD 1.5 size)."""
+
+    def __init__(self, components, device: torch.device) -> None:
+        self.modules = (components.vae, components.text_encoder)
+        self.device = device
+        self.parked = False
+
+    def park(self) -> None:
+        """Move both to the CPU and give their GPU memory back."""
+        for module in self.modules:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+        self.parked = True
+
+    def lent(self, work: Callable[[], T]) -> T:
+        """Run ``work`` with both on the training device, then park them again if they were parked."""
+        if not self.parked:
+            return work()
+        for module in self.modules:
+            module.to(self.device)
+        try:
+            return work()
+        finally:
+            self.park()
 
 
 def total_steps(config: TrainConfig, num_instance: int) -> int:

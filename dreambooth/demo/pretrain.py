@@ -351,7 +351,8 @@ def score_prompt_families(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any
 
     results = {}
     for family, prompts in prompt_families().items():
-        chosen = [prompts[i % len(prompts)] for i in range(samples)]
+        chosen = [prompts[i * len(prompts) // samples] if len(prompts) >= samples else prompts[i % len(prompts)]
+                  for i in range(samples)]  # spread over the whole list: it is ordered by shape
         images = sample_images(unet, vae, text_encoder, tokenizer, [p for p, _ in chosen], seed=seed, device=device)
         verdicts = judge_batch(images)
         scores: dict[str, list[bool]] = {}
