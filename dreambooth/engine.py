@@ -287,6 +287,11 @@ def _class_examples(
 
 
 def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:
+    """Write the checkpoint of ``step``; a model of non-stock shape gets its configs in the header and, first
+    (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from."""
+    from .demo.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from .models.export import config_metadata
+
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
     tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])
     training = {
@@ -308,7 +313,16 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
         f"{config.model_name} (step {step})",
         training,
     )
-    save_checkpoint(path, tensors, metadata)
+    metadata.update(config_metadata(loaded.diffusers_config))
+    yaml_existed = path.with_suffix(".yaml").exists()
+    if loaded.diffusers_config is not None and loaded.family == "sd1":
+        write_host_yaml(path, loaded.diffusers_config, output_dir / TEXT_ENCODER_FOLDER, config.tokenizer_dir)
+    try:
+        save_checkpoint(path, tensors, metadata)
+    except BaseException:
+        if not yaml_existed:  # no new yaml without its checkpoint
+            path.with_suffix(".yaml").unlink(missing_ok=True)
+        raise
     events.emit("checkpoint_saved", step=step, path=str(path))
     return path
 

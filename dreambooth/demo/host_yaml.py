@@ -7,16 +7,24 @@ its tokenizer from ``params.version`` (``CLIPTextModel.from_pretrained(version)`
 describe our 64-wide encoder, but a local folder can: so the yaml names a folder holding the text encoder's
 ``config.json`` plus the CLIP ``vocab.json``/``merges.txt``. That folder's path is absolute and machine-specific,
 so the yaml is written on the machine that uses it, not shipped.
+
+The engine writes one beside every checkpoint of a model whose configs are not SD 1.x's stock ones (the demo model
+and what is trained from it), from the configs the checkpoint carries; :func:`write_host_yaml` takes them as a
+config folder or as that mapping (``models.load.CONFIG_FILES`` → JSON).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..fileio import write_atomic
-from ..models.tokenizer import find_tokenizer_dir
+from ..models.load import read_config_folder
+from ..models.tokenizer import TOKENIZER_FILES, find_tokenizer_dir
+
+TEXT_ENCODER_FOLDER = "text-encoder-config"
+"""The folder, beside the checkpoints of one output folder, that their yamls name as the text encoder's."""
 
 YAML_TEMPLATE = """\
 # LDM config of the DreamBooth demo model (tiny SD 1.x, 64x64 pixels); written by dreambooth.demo.host_yaml.
@@ -37,7 +45,7 @@ model:
     conditioning_key: crossattn
     monitor: val/loss_simple_ema
     scale_factor: {scale_factor}
-    use_ema: False
+    use_ema: False{parameterization}
     unet_config:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
@@ -79,35 +87,75 @@ model:
 """
 
 
-def ldm_yaml(config_dir: Path, text_encoder_dir: Path) -> str:
-    """The LDM config text for the model whose diffusers configs are in ``config_dir``."""
-    unet = json.loads((config_dir / "unet" / "config.json").read_text())
-    vae = json.loads((config_dir / "vae" / "config.json").read_text())
+Configs = Mapping[str, dict]
+"""A config folder as data: ``"unet/config.json"`` → its JSON, and so on (``models.load.CONFIG_FILES``)."""
+
+
+def ldm_yaml(config_dir: Path | Configs, text_encoder_dir: Path) -> str:
+    """The LDM config text for the model whose diffusers configs are ``config_dir`` (a folder, or its JSON)."""
+    configs = _configs(config_dir)
+    unet = configs["unet/config.json"]
+    vae = configs["vae/config.json"]
+    scheduler = configs.get("scheduler/scheduler_config.json", {})
     channels = unet["block_out_channels"]
     heads = unet["attention_head_dim"]
     attention = [2**i for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")]
     vae_channels = vae["block_out_channels"]
+    v_prediction = scheduler.get("prediction_type") == "v_prediction"
     return YAML_TEMPLATE.format(
-        latent_size=unet["sample_size"], scale_factor=vae["scaling_factor"], model_channels=channels[0],
-        attention_resolutions=attention, num_res_blocks=unet["layers_per_block"],
-        channel_mult=[c // channels[0] for c in channels], num_heads=heads if isinstance(heads, int) else heads[0],
-        context_dim=unet["cross_attention_dim"], resolution=vae["sample_size"], vae_ch=vae_channels[0],
-        vae_ch_mult=[c // vae_channels[0] for c in vae_channels], vae_res_blocks=vae["layers_per_block"],
-        text_encoder_dir=text_encoder_dir.resolve().as_posix())
+        latent_size=unet["sample_size"],
+        scale_factor=vae["scaling_factor"],
+        model_channels=channels[0],
+        attention_resolutions=attention,
+        num_res_blocks=unet["layers_per_block"],
+        channel_mult=[c // channels[0] for c in channels],
+        num_heads=heads if isinstance(heads, int) else heads[0],
+        context_dim=unet["cross_attention_dim"],
+        resolution=vae["sample_size"],
+        vae_ch=vae_channels[0],
+        vae_ch_mult=[c // vae_channels[0] for c in vae_channels],
+        vae_res_blocks=vae["layers_per_block"],
+        text_encoder_dir=text_encoder_dir.resolve().as_posix(),
+        parameterization='\n    parameterization: "v"' if v_prediction else "",
+    )
 
 
-def write_host_yaml(checkpoint: Path, config_dir: Path, text_encoder_dir: Path, tokenizer_dir: str = "") -> Path:
-    """Write ``<checkpoint>.yaml`` and fill ``text_encoder_dir`` (config.json + tokenizer files) for the web UI."""
+def write_host_yaml(
+    checkpoint: Path, config_dir: Path | Configs, text_encoder_dir: Path, tokenizer_dir: str = ""
+) -> Path:
+    """Write ``<checkpoint>.yaml`` and fill ``text_encoder_dir`` (config.json + tokenizer files) for the web UI.
+
+    The folder is complete before the yaml exists, and every file appears whole (written atomically, and only
+    when its content changes), so a web UI reading them while a later checkpoint is saved never sees half a file.
+    """
+    configs = _configs(config_dir)
     text_encoder_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_dir / "text_encoder" / "config.json", text_encoder_dir / "config.json")
+    _write_if_changed(
+        text_encoder_dir / "config.json", json.dumps(configs["text_encoder/config.json"], indent=2).encode()
+    )
     tokenizer = find_tokenizer_dir(tokenizer_dir, text_encoder_dir)
     if tokenizer.resolve() != text_encoder_dir.resolve():
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(tokenizer / name, text_encoder_dir / name)
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (text_encoder_dir / "special_tokens_map.json").write_text(json.dumps(special))
-    (text_encoder_dir / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77}))
-    path = checkpoint.with_suffix(".yaml")
-    text = ldm_yaml(config_dir, text_encoder_dir)
-    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+        for name in TOKENIZER_FILES:
+            _write_if_changed(text_encoder_dir / name, (tokenizer / name).read_bytes())
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    _write_if_changed(text_encoder_dir / "special_tokens_map.json", json.dumps(special).encode())
+    _write_if_changed(
+        text_encoder_dir / "tokenizer_config.json", json.dumps({**special, "model_max_length": 77}).encode()
+    )
+    text = ldm_yaml(configs, text_encoder_dir)
+    return write_atomic(checkpoint.with_suffix(".yaml"), lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _configs(config_dir: Path | Configs) -> Configs:
+    return read_config_folder(Path(config_dir)) if isinstance(config_dir, (str, Path)) else config_dir
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if path.is_file() and path.read_bytes() == data:
+        return
+    write_atomic(path, lambda p: p.write_bytes(data))

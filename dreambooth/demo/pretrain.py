@@ -365,10 +365,13 @@ def score_prompt_families(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any
 
 
 def export_model(trained: Path, model_dir: Path) -> Path:
-    """Turn a training run's component files into the shipped single file (original layout, fp16) + config folder."""
+    """Turn a training run's component files into the shipped single file (original layout, fp16) + config folder;
+    the file's header carries the config folder too, so it loads with no ``model_config_dir``."""
     from safetensors.torch import load_file, save_file
 
+    from ..models.export import config_metadata
     from ..models.layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from ..models.load import read_config_folder
 
     configs = json.loads((trained / "configs.json").read_text())
     state = {}
@@ -377,10 +380,11 @@ def export_model(trained: Path, model_dir: Path) -> Path:
     state.update(text_encoder_to_ldm(load_file(str(trained / "text_encoder.safetensors"))))
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "shapes-sd1.safetensors"
+    config_dir = write_config_folder(configs, model_dir / "config")
     metadata = {"modelspec.architecture": "stable-diffusion-v1", "modelspec.resolution": "64x64",
-                "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SD 1.x)"}
+                "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SD 1.x)",
+                **config_metadata(read_config_folder(config_dir))}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
-    write_config_folder(configs, model_dir / "config")
     return path
 
 

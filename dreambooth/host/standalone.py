@@ -1,13 +1,48 @@
 """A host without a web UI, for ``python -m dreambooth ui``: checkpoints are the files under
 ``<models>/Stable-diffusion``, there is no model in memory to unload, and progress lives only in the tab.
+
+On a models folder with no checkpoint yet, the app offers the shipped demo model (:func:`install_demo_model`).
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
+from ..errors import ModelFormatError
+from ..fileio import write_atomic
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "model" / "shapes-sd1.safetensors"
+DEMO_TITLE = "dreambooth-demo/shapes-sd1.safetensors"
+"""Where the demo model goes under ``<models>/Stable-diffusion``, as the app lists it."""
+
+
+def install_demo_model(checkpoints_dir: Path, tokenizer_dir: str = "") -> Path | None:
+    """Copy the demo model to ``<checkpoints_dir>/dreambooth-demo/`` when the folder holds no checkpoint at all.
+
+    The web UI's ``.yaml`` (and the text-encoder folder it names) is written first and the checkpoint appears
+    whole (copied under a temporary name, then renamed), so it is never listed without its yaml. Nothing is ever
+    overwritten, and a folder that already has checkpoints (the user's, or the demo model) is left as it is.
+    Returns the installed file, or None when nothing was installed.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if checkpoints_dir.is_dir() and any(
+        p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file() for p in checkpoints_dir.rglob("*")
+    ):
+        return None
+    target = checkpoints_dir / DEMO_TITLE
+    from ..demo.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from ..models.load import embedded_config
+
+    configs = embedded_config(DEMO_CHECKPOINT)
+    if configs is not None and not target.with_suffix(".yaml").exists():
+        try:
+            write_host_yaml(target, configs, target.parent / TEXT_ENCODER_FOLDER, tokenizer_dir)
+        except ModelFormatError:
+            pass  # no CLIP tokenizer here: the yaml only serves the web UI; the app and the engine do without it
+    return write_atomic(target, lambda temp: shutil.copyfile(DEMO_CHECKPOINT, temp))
 
 
 class StandaloneHost:

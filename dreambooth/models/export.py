@@ -1,7 +1,9 @@
 """Write a model as one file in the original (CompVis/LDM) layout that the web UI, ComfyUI and diffusers read.
 
 The file appears whole or not at all (``fileio.write_atomic``). Safetensors files carry ModelSpec metadata
-(``modelspec.*``) and our training summary under ``dreambooth.training``.
+(``modelspec.*``) and our training summary under ``dreambooth.training``; a model of a shape other than its
+family's stock one also carries its diffusers config folder under ``dreambooth.diffusers_config``, so that it
+loads with no config folder at hand (``models.load``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .components import Components
 from .layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CONFIG_METADATA_KEY = "dreambooth.diffusers_config"
 ARCHITECTURES = {("sd1", "epsilon"): "stable-diffusion-v1", ("sd1", "v_prediction"): "stable-diffusion-v1/v-prediction"}
 
 
@@ -56,6 +59,13 @@ def modelspec(
     if training:
         meta["dreambooth.training"] = json.dumps(training, sort_keys=True, default=str)
     return meta
+
+
+def config_metadata(diffusers_config: Mapping[str, Any] | None) -> dict[str, str]:
+    """The header entry carrying a model's config folder (file name → JSON), or nothing for a stock model."""
+    if diffusers_config is None:
+        return {}
+    return {CONFIG_METADATA_KEY: json.dumps(diffusers_config, sort_keys=True, separators=(",", ":"))}
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:

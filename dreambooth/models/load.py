@@ -5,12 +5,19 @@ shipped in ``models/configs/``, or the one the config names) so it never asks th
 kept in the model folder's ``working/`` (diffusers layout) and reused by the next run of the same source.
 Tensors of the source that are not weights of the three models (the noise schedule's buffers) are kept too,
 so that an export carries every tensor of the original file.
+
+A model whose configs are not the family's stock ones (a tiny or otherwise re-shaped model) carries its config
+folder inside the file: the safetensors header key ``dreambooth.diffusers_config`` (``export.CONFIG_METADATA_KEY``)
+holds the JSON of ``model_index.json`` and the unet/vae/text_encoder/scheduler configs. With no
+``model_config_dir``, such a file is loaded through a config folder rebuilt from that key in the cache folder.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +26,7 @@ import torch
 from ..errors import ModelFormatError
 from ..fileio import write_atomic
 from .components import Components
+from .export import CONFIG_METADATA_KEY
 from .read import SINGLE_FILE_SUFFIXES, detect_family, fingerprint, read_keys, read_tensors
 from .tokenizer import find_tokenizer_dir, load_clip_tokenizer
 
@@ -27,6 +35,28 @@ DROPPED_PREFIXES = ("model_ema.",)
 """Keys never carried over: the EMA copy of the untrained UNet would shadow the trained weights in loaders that
 prefer EMA weights, and it doubles the file."""
 MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+CONFIG_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
+"""The files of a diffusers config folder that the single-file loader reads (the tokenizer comes separately)."""
+EMBEDDED_CONFIG_DIR = "embedded-config"
+"""Where, under the cache folder, the config folder carried by a file's header is rebuilt."""
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+TEXT_ENCODER_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+)
+"""What makes one CLIP text encoder differ from another for SD (token ids and projection sizes do not)."""
 
 
 @dataclass
@@ -37,6 +67,9 @@ class LoadedModel:
     family: str
     source_id: str
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    diffusers_config: dict[str, dict] | None = None
+    """The config folder's files (``CONFIG_FILES`` → JSON) when they differ from the family's stock folder:
+    exports carry them in their header, and the web UI needs a ``.yaml`` for them. None for a stock model."""
 
 
 def load_model(
@@ -51,7 +84,8 @@ def load_model(
         )
     source_id = fingerprint(source)
     stamp = working_dir / "source.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("source_id") == source_id:
+    stamped = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if stamped.get("source_id") == source_id and "diffusers_config" in stamped:
         loaded = _load_diffusers_folder(working_dir, cache_dir, tokenizer_dir)
         extra_path = working_dir / "extra_tensors.safetensors"
         if extra_path.is_file():
@@ -59,6 +93,8 @@ def load_model(
 
             loaded.extra_tensors = load_file(str(extra_path))
         loaded.source_id = source_id
+        loaded.family = stamped.get("family", loaded.family)
+        loaded.diffusers_config = stamped["diffusers_config"]
         return loaded
     if source.is_dir():
         loaded = _load_diffusers_folder(source, cache_dir, tokenizer_dir)
@@ -78,7 +114,13 @@ def load_model(
 
 def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_dir: str) -> LoadedModel:
     family = detect_family(read_keys(path), path)
-    config_folder = Path(config_dir) if config_dir else CONFIGS_DIR / family
+    if config_dir:
+        config_folder = Path(config_dir)
+    else:
+        embedded = embedded_config(path)
+        config_folder = CONFIGS_DIR / family
+        if embedded is not None:
+            config_folder = write_config_folder(embedded, cache_dir / EMBEDDED_CONFIG_DIR)
     if not (config_folder / "model_index.json").is_file():
         raise ModelFormatError(
             f"Model config folder {config_folder} has no model_index.json.",
@@ -105,7 +147,13 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
     finally:
         if readable != path:
             readable.unlink(missing_ok=True)
-    return LoadedModel(components=components, family=family, source_id="", extra_tensors=extra)
+    return LoadedModel(
+        components=components,
+        family=family,
+        source_id="",
+        extra_tensors=extra,
+        diffusers_config=_unless_stock(read_config_folder(config_folder), family),
+    )
 
 
 def _from_single_file(path: Path, config_folder: Path, tokenizer) -> Components:
@@ -162,7 +210,124 @@ def _load_diffusers_folder(folder: Path, cache_dir: Path, tokenizer_dir: str) ->
             f"{folder}: the UNet's cross-attention width does not match the text encoder.",
             "This is not an SD 1.x model we can train.",
         )
-    return LoadedModel(components=components, family="sd1", source_id="")
+    return LoadedModel(
+        components=components,
+        family="sd1",
+        source_id="",
+        diffusers_config=_unless_stock(read_config_folder(folder), "sd1"),
+    )
+
+
+def embedded_config(path: Path) -> dict[str, dict] | None:
+    """The config folder a single file carries in its safetensors header, or None (none there, or a .ckpt)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except Exception:  # noqa: BLE001 (an unreadable header is reported by the loader that follows)
+        return None
+    if not text:
+        return None
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError:
+        raise ModelFormatError(
+            f"{path}: the header's {CONFIG_METADATA_KEY} is not valid JSON.",
+            "Set 'model_config_dir' to the model's diffusers config folder.",
+        ) from None
+    missing = [name for name in CONFIG_FILES if not isinstance(configs.get(name), dict)]
+    if missing:
+        raise ModelFormatError(
+            f"{path}: the header's {CONFIG_METADATA_KEY} lacks {', '.join(missing)}.",
+            "Set 'model_config_dir' to the model's diffusers config folder.",
+        )
+    return configs
+
+
+def declared_resolution(path: Path) -> int | None:
+    """The training resolution an SD 1.x single file declares in its header (``modelspec.resolution``, e.g.
+    64 for the demo model), or None: not a safetensors file, no such entry, or not square SD 1.x."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            metadata = json.loads(handle.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return None
+    if not str(metadata.get("modelspec.architecture", "")).startswith("stable-diffusion-v1"):
+        return None
+    width, _, height = str(metadata.get("modelspec.resolution", "")).partition("x")
+    return int(width) if width.isdigit() and width == height else None
+
+
+def read_config_folder(folder: Path) -> dict[str, dict]:
+    """The JSON of a diffusers config folder's ``CONFIG_FILES``; a file it lacks is taken from SD 1.x's folder
+    (diffusers folders often have no ``model_index.json``)."""
+    configs = {}
+    for name in CONFIG_FILES:
+        file = folder / name
+        if not file.is_file():
+            file = CONFIGS_DIR / "sd1" / name
+        configs[name] = json.loads(file.read_text(encoding="utf-8"))
+    return configs
+
+
+def write_config_folder(configs: Mapping[str, dict], folder: Path) -> Path:
+    """Write ``configs`` (``CONFIG_FILES`` → JSON) as a diffusers config folder; ``model_index.json`` last."""
+    for name in sorted(CONFIG_FILES, key=lambda n: n == "model_index.json"):
+        file = folder / name
+        file.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(configs[name], indent=2, sort_keys=True)
+        write_atomic(file, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+    return folder
+
+
+def is_stock_config(configs: Mapping[str, dict], family: str) -> bool:
+    """Whether ``configs`` build the same models and noise schedule as the family's shipped config folder.
+
+    The UNet and VAE are compared with their classes' defaults filled in (but the VAE's ``sample_size``, which
+    only sets tiling), the text encoder by its shape, the scheduler by its training schedule; names, versions
+    and dtypes do not count.
+    """
+    stock_folder = CONFIGS_DIR / family
+    if not (stock_folder / "model_index.json").is_file():
+        return False
+    return _architecture(configs) == _architecture(read_config_folder(stock_folder))
+
+
+def _unless_stock(configs: dict[str, dict], family: str) -> dict[str, dict] | None:
+    return None if is_stock_config(configs, family) else configs
+
+
+def _architecture(configs: Mapping[str, dict]) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    text = CLIPTextConfig.from_dict(dict(configs["text_encoder/config.json"])).to_dict()
+    schedule_defaults = _with_defaults(DDPMScheduler, {})
+    scheduler = configs["scheduler/scheduler_config.json"]
+    vae = _with_defaults(AutoencoderKL, configs["vae/config.json"])
+    vae.pop("sample_size", None)
+    return {
+        "unet": _with_defaults(UNet2DConditionModel, configs["unet/config.json"]),
+        "vae": vae,
+        "text_encoder": {k: text.get(k) for k in TEXT_ENCODER_SHAPE_KEYS},
+        "scheduler": {k: scheduler.get(k, schedule_defaults[k]) for k in SCHEDULE_KEYS},
+    }
+
+
+def _with_defaults(cls: type, config: Mapping) -> dict:
+    """The config a diffusers class registers when built from ``config``: its __init__ defaults, overridden."""
+    parameters = inspect.signature(cls.__init__).parameters
+    full = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    full.update({k: v for k, v in config.items() if k in parameters})
+    return json.loads(json.dumps(full, default=str))
 
 
 def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
@@ -179,7 +344,9 @@ def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
     c.tokenizer.save_pretrained(str(working_dir / "tokenizer"))
     if loaded.extra_tensors:
         _save_safetensors(loaded.extra_tensors, working_dir / "extra_tensors.safetensors")
-    stamp = json.dumps({"source_id": loaded.source_id, "family": loaded.family})
+    stamp = json.dumps(
+        {"source_id": loaded.source_id, "family": loaded.family, "diffusers_config": loaded.diffusers_config}
+    )
     write_atomic(working_dir / "source.json", lambda p: p.write_text(stamp))
 
 

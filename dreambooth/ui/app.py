@@ -1,7 +1,9 @@
 """The standalone app: the DreamBooth tab and the HTTP API on their own page, without the web UI.
 
 ``python -m dreambooth ui --models-dir D --port P [--auth user:password]`` calls :func:`serve`. Model folders
-live in ``D/dreambooth``, checkpoints are read from and written to ``D/Stable-diffusion``.
+live in ``D/dreambooth``, checkpoints are read from and written to ``D/Stable-diffusion``. When that folder has
+no checkpoint, the shipped demo model is put there (``dreambooth-demo/shapes-sd1.safetensors``), and the "new
+model" form offers it as the source checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..api import mount, parse_credentials
-from ..host.standalone import StandaloneHost
+from ..host.standalone import DEMO_TITLE, StandaloneHost, install_demo_model
 from ..supervisor import Supervisor
 from .tab import build_tab
 
@@ -19,9 +21,10 @@ from .tab import build_tab
 def launch(models_dir: Path, host: str = "127.0.0.1", port: int = 7861, auth: str | None = None) -> gr.Blocks:
     """Start serving in the background and return the running ``gr.Blocks`` (``.close()`` stops it)."""
     models_dir = Path(models_dir).resolve()
+    install_demo_model(models_dir / "Stable-diffusion")
     web_host = StandaloneHost(models_dir)
     supervisor = Supervisor(web_host, models_dir / "dreambooth", web_host.checkpoints_dir)
-    blocks = build_tab(supervisor, web_host, standalone=True)
+    blocks = build_tab(supervisor, web_host, standalone=True, default_source=DEMO_TITLE)
     credentials = parse_credentials(auth)
     blocks.queue()
     app, _, _ = blocks.launch(

@@ -91,9 +91,11 @@ def _event_kwargs(name: str, code: str) -> dict[str, Any]:
 class DreamBoothTab:
     """The tab's components and the handlers behind them."""
 
-    def __init__(self, supervisor: Supervisor, host: Host) -> None:
+    def __init__(self, supervisor: Supervisor, host: Host, default_source: str | None = None) -> None:
         self.supervisor = supervisor
         self.host = host
+        self.default_source = default_source
+        """The source checkpoint the "new model" form starts with, while the host lists it."""
         self.fields: list[Field] = form_fields()
         self.unavailable = unavailable_choices()
         self.current_model: str | None = None
@@ -132,8 +134,10 @@ class DreamBoothTab:
             self.new_name = gr.Textbox(
                 label="New model name", elem_id="dreambooth_new_name", info="Letters, digits, '.', '_' and '-'."
             )
+            titles = self._titles()
             self.source = gr.Dropdown(
-                choices=self._titles(),
+                choices=titles,
+                value=self._preselected_source(titles),
                 label="Source checkpoint",
                 info="One of the checkpoints the web UI lists.",
                 elem_id="dreambooth_source",
@@ -250,10 +254,24 @@ class DreamBoothTab:
     def create_model(self, name: str, source: str | None) -> list[Any]:
         """Make a new model folder from a host checkpoint and show its default settings."""
         try:
-            config = self.supervisor.create_model((name or "").strip(), source or "")
+            config = self._at_declared_resolution(self.supervisor.create_model((name or "").strip(), source or ""))
         except DreamBoothError as exc:
             return self._unchanged_fill(_error_text(exc))
         return self._fill(config, f"Created **{config.model_name}** from `{Path(config.source_checkpoint).name}`.")
+
+    def _at_declared_resolution(self, config: TrainConfig) -> TrainConfig:
+        """A new model trains at the resolution its source declares (64 for the demo model), when that is valid."""
+        from ..models.load import declared_resolution
+
+        declared = declared_resolution(Path(config.source_checkpoint))
+        if declared is None or declared == config.resolution:
+            return config
+        try:
+            adjusted = TrainConfig.from_dict({**config.to_dict(), "resolution": declared})
+        except ConfigError:
+            return config
+        self.supervisor.save_config(adjusted)
+        return adjusted
 
     def show_concepts(self, count: float) -> list[Any]:
         """Show the first ``count`` concept panels."""
@@ -343,9 +361,17 @@ class DreamBoothTab:
                 fill = self._fill(self.supervisor.load_config(name), f"Showing **{name}**.")
             except DreamBoothError as exc:
                 fill = self._unchanged_fill(_error_text(exc))
-        return [*fill, gr.update(choices=self._titles()), RUNNING if running else IDLE]
+        titles = self._titles()
+        source = gr.update(choices=titles)
+        if self._preselected_source(titles):
+            source = gr.update(choices=titles, value=self._preselected_source(titles))
+        return [*fill, source, RUNNING if running else IDLE]
 
     # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _preselected_source(self, titles: list[str]) -> str | None:
+        """The default source checkpoint when the host lists it, else None (nothing preselected)."""
+        return self.default_source if self.default_source in titles else None
 
     def _last_saved_model(self) -> str | None:
         """The model whose config.json changed last (what a page shows after the web UI restarted)."""
@@ -406,9 +432,12 @@ def _error_text(exc: DreamBoothError) -> str:
     return f"**Error:** {exc.message}{advice}"
 
 
-def build_tab(supervisor: Supervisor, host: Host, *, standalone: bool = False) -> gr.Blocks:
-    """The DreamBooth tab as a ``gr.Blocks`` (the web UI's ``on_ui_tabs`` and the standalone app both call this)."""
-    tab = DreamBoothTab(supervisor, host)
+def build_tab(
+    supervisor: Supervisor, host: Host, *, standalone: bool = False, default_source: str | None = None
+) -> gr.Blocks:
+    """The DreamBooth tab as a ``gr.Blocks`` (the web UI's ``on_ui_tabs`` and the standalone app both call this);
+    ``default_source`` is the host title preselected as the new model's source checkpoint, when listed."""
+    tab = DreamBoothTab(supervisor, host, default_source)
     blocks = tab.build(standalone=standalone)
     blocks.dreambooth_tab = tab  # type: ignore[attr-defined]  # for tests and the standalone app
     return blocks
