@@ -51,6 +51,9 @@ class DemoSettings:
     guidance: float = 5.0
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
+    captions: bool = True  # instance captions name the background: "a zwx shape on a white background"
+    device: str = "cpu"
+    engine_options: dict[str, Any] = field(default_factory=dict)  # more TrainConfig values, e.g. the speed switches
 
 
 def settings(quick: bool) -> DemoSettings:
@@ -77,6 +80,7 @@ class DemoReport:
 
     rows: list[Row]
     checkpoints: dict[str, Path]
+    losses: dict[str, list[float]]  # per training run, one loss per step
     grid: Path
     seconds: float
     settings: DemoSettings
@@ -110,8 +114,8 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
     started = time.time()
     options = dataclasses.replace(settings(quick), **(overrides or {}))
     out_dir = Path(out_dir)
-    instance_dir = write_instance_images(out_dir / "instance", seed)
-    checkpoints = {}
+    instance_dir = write_instance_images(out_dir / "instance", seed, options.captions)
+    checkpoints, losses = {}, {}
     for name, prior in (("prior", True), ("no prior", False)):
         model_name = "shapes-zwx-" + name.replace(" ", "")
         config = demo_config(model_name, instance_dir, checkpoint, config_dir, options, prior, seed)
@@ -120,6 +124,7 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
         log = events or Events(log_path=model_dir / "logs" / "events.jsonl")
         result = run_engine(config, model_dir, log)
         checkpoints[name] = result.checkpoints[-1]
+        losses[name] = list(result.losses)
     rows, pictures = [], {}
     base = load_model(checkpoint, out_dir / "base" / "working", out_dir / "base" / "cache",
                       tokenizer_dir, str(config_dir)).components
@@ -137,7 +142,7 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
         rows.append(score(name, verdicts, base_class))
         pictures[name] = samples
     grid = write_grid(pictures, out_dir / "demo_grid.png")
-    return DemoReport(rows, checkpoints, grid, time.time() - started, options)
+    return DemoReport(rows, checkpoints, losses, grid, time.time() - started, options)
 
 
 def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_dir: Path, options: DemoSettings,
@@ -145,26 +150,32 @@ def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_di
     """The engine's config for one demo training run."""
     from ..config import Concept, TrainConfig
 
-    concept = Concept(instance_dir=str(instance_dir), instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
+    instance_prompt = "[filewords]" if options.captions else INSTANCE_PROMPT
+    concept = Concept(instance_dir=str(instance_dir), instance_prompt=instance_prompt, class_prompt=CLASS_PROMPT,
                       num_class_images=options.num_class_images, class_guidance_scale=options.guidance,
                       class_infer_steps=options.class_steps, class_seed=seed)
-    return TrainConfig(
+    values = dict(
         model_name=model_name, source_checkpoint=str(checkpoint), model_config_dir=str(config_dir),
         concepts=[concept], resolution=shapes.IMAGE_SIZE, max_steps=options.steps, batch_size=options.batch_size,
         learning_rate=options.learning_rate, lr_scheduler="constant", train_text_encoder=options.train_text_encoder,
-        text_encoder_lr=options.text_encoder_lr, prior_preservation=prior, save_every=0, device="cpu",
+        text_encoder_lr=options.text_encoder_lr, prior_preservation=prior, save_every=0, device=options.device,
         mixed_precision="no", seed=seed)
+    return TrainConfig(**{**values, **options.engine_options})
 
 
-def write_instance_images(folder: Path, seed: int) -> Path:
-    """The 5 pictures of the subject, as PNG files."""
+def write_instance_images(folder: Path, seed: int, captions: bool = True) -> Path:
+    """The 5 pictures of the subject, as PNG files; with ``captions``, a .txt beside each naming its background
+    ("a zwx shape on a white background"), so the background stays a separate, promptable thing."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed + 7)
-    images = shapes.to_uint8(shapes.render(shapes.sample_subject_scenes(5, generator))).numpy()
-    for i, image in enumerate(images):
+    scenes = shapes.sample_subject_scenes(5, generator)
+    images = shapes.to_uint8(shapes.render(scenes)).numpy()
+    for i, (image, background) in enumerate(zip(images, scenes.background)):
         Image.fromarray(image).save(folder / f"zwx_{i}.png")
+        if captions:
+            (folder / f"zwx_{i}.txt").write_text(f"{INSTANCE_PROMPT} on a {background} background\n")
     return folder
 
 
