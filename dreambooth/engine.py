@@ -289,8 +289,8 @@ def _class_examples(
 def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:
     """Write the checkpoint of ``step``; a model of non-stock shape gets its configs in the header and, first
     (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from."""
-    from .demo.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
     from .models.export import config_metadata
+    from .models.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
 
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
     tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])

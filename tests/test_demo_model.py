@@ -10,9 +10,9 @@ import yaml
 
 from dreambooth.demo import shapes
 from dreambooth.demo.evaluate import judge_batch
-from dreambooth.demo.host_yaml import write_host_yaml
 from dreambooth.demo.run import DEMO_CHECKPOINT, DEMO_CONFIG_DIR, MODEL_DIR
 from dreambooth.demo.sampling import sample_images
+from dreambooth.models.host_yaml import write_host_yaml
 from dreambooth.models.load import load_model
 from dreambooth.models.read import read_keys
 

@@ -16,13 +16,13 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from dreambooth.demo.host_yaml import TEXT_ENCODER_FOLDER
 from dreambooth.demo.run import DEMO_CHECKPOINT, DEMO_CONFIG_DIR
 from dreambooth.demo.sampling import sample_images
 from dreambooth.engine import _save, run
 from dreambooth.errors import ModelFormatError
 from dreambooth.events import Events
 from dreambooth.models.export import CONFIG_METADATA_KEY, checkpoint_tensors, save_checkpoint
+from dreambooth.models.host_yaml import TEXT_ENCODER_FOLDER
 from dreambooth.models.load import (
     CONFIGS_DIR,
     LoadedModel,

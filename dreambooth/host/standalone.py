@@ -33,7 +33,7 @@ def install_demo_model(checkpoints_dir: Path, tokenizer_dir: str = "") -> Path |
     ):
         return None
     target = checkpoints_dir / DEMO_TITLE
-    from ..demo.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from ..models.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
     from ..models.load import embedded_config
 
     configs = embedded_config(DEMO_CHECKPOINT)

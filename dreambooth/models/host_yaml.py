@@ -1,4 +1,5 @@
-"""The ``.yaml`` that lets the AUTOMATIC1111 web UI build the demo model, and the folder it points at.
+"""The ``.yaml`` that lets the AUTOMATIC1111 web UI build an SD 1.x model of non-stock shape (the demo model), and
+the folder it points at.
 
 The web UI builds SD 1.x models from an LDM config. A yaml beside a checkpoint (same name) wins over its
 guess. The stock text encoder class, ``ldm.modules.encoders.modules.FrozenCLIPEmbedder``, takes its shape and
@@ -20,14 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..fileio import write_atomic
-from ..models.load import read_config_folder
-from ..models.tokenizer import TOKENIZER_FILES, find_tokenizer_dir
+from .load import read_config_folder
+from .tokenizer import TOKENIZER_FILES, find_tokenizer_dir
 
 TEXT_ENCODER_FOLDER = "text-encoder-config"
 """The folder, beside the checkpoints of one output folder, that their yamls name as the text encoder's."""
 
 YAML_TEMPLATE = """\
-# LDM config of the DreamBooth demo model (tiny SD 1.x, 64x64 pixels); written by dreambooth.demo.host_yaml.
+# LDM config of the DreamBooth demo model (tiny SD 1.x, 64x64 pixels); written by dreambooth.models.host_yaml.
 model:
   base_learning_rate: 1.0e-04
   target: ldm.models.diffusion.ddpm.LatentDiffusion
