@@ -1,17 +1,17 @@
-"""DreamBooth on the demo model, reduced to the CI size (``run_demo(quick=True)``): two engine runs on the CPU
-(with and without prior preservation), samples judged by pixel statistics.
+"""DreamBooth on the demo model, reduced to the CI size (``run_demo(quick=True)``: the default settings with 16
+class images, 16 samples per prompt and 10 DDIM steps; about two minutes on 2 CPU threads): two engine runs on
+the CPU, with and without prior preservation, samples judged by pixel statistics.
 
-What the reduced run reliably shows today, measured over seeds 0, 1, 2 (16 samples per prompt; star counts
-among the class-prompt ("a shape") samples; subject = two-tone magenta/cyan star):
+Measured over seeds 0, 1, 2 (subject = the two-tone magenta/cyan star; stars = star-shaped class-prompt samples):
 
-    seed | base: stars, subject | prior: stars, subject, leakage | no prior: stars, subject, leakage
-      0  |   0/16, 0%           |   8/16, 0%, 0%                 |  10/16,  0%, 0%
-      1  |   0/16, 0%           |   6/16, 0%, 0%                 |  13/16,  0%, 0%
-      2  |   0/16, 0%           |  10/16, 0%, 0%                 |  11/16, 19%, 6%
+    seed | prior: fidelity, recontext, leakage, stars | no prior: fidelity, recontext, leakage, stars
+      0  |        56%, 19%, 0%, 1/16                  |           44%, 38%, 44%, 16/16
+      1  |        50%,  6%, 0%, 4/16                  |           69%, 31%, 69%, 13/16
+      2  |        81%, 19%, 0%, 1/16                  |           25%,  0%, 25%,  7/16
 
-So: the base model has never drawn a star; training on the five star pictures moves the class prompt towards
-stars, and less so with prior preservation than without (3 of 3 seeds). The strict subject score (both colours
-right) is not reached yet: the issue's fidelity targets are NOT met, and these tests do not pretend they are.
+The base model scored 0% fidelity and 0% leakage on every seed. The bounds below hold on all three seeds with a
+margin of at least one sample; the test runs seed 0. The full-size run's numbers (fidelity 88-97%) are in the
+README; the reduced run samples with fewer DDIM steps, which draws the subject's colours less cleanly.
 """
 
 from __future__ import annotations
@@ -33,20 +33,23 @@ def _stars(report, model: str) -> float:
 
 def test_base_model_has_never_drawn_the_subject(report):
     base = report.row("base")
-    assert base.fidelity == 0 and base.leakage == 0
-    assert _stars(report, "base") <= 1 / 16
+    assert base.fidelity == 0 and base.leakage == 0 and base.recontext == 0
 
 
-def test_training_on_the_instance_images_teaches_stars(report):
-    assert _stars(report, "no prior") >= 0.5
+def test_training_with_prior_preservation_teaches_the_subject_and_keeps_the_class(report):
+    prior = report.row("prior")
+    assert prior.fidelity >= 6 / 16  # measured 8/16 at the worst seed
+    assert prior.leakage <= 1 / 16  # measured 0 on every seed
 
 
-def test_prior_preservation_holds_the_class_back(report):
-    assert _stars(report, "prior") <= _stars(report, "no prior")
-    assert report.row("prior").leakage <= 0.1
+def test_without_prior_preservation_the_subject_leaks_into_the_class(report):
+    prior, no_prior = report.row("prior"), report.row("no prior")
+    assert no_prior.leakage >= prior.leakage + 3 / 16  # measured at least 4/16 more
+    assert _stars(report, "no prior") > _stars(report, "prior")
 
 
-def test_demo_writes_checkpoints_and_a_grid(report):
+def test_demo_writes_checkpoints_a_grid_and_loss_curves(report):
     assert report.grid.is_file()
     assert set(report.checkpoints) == {"prior", "no prior"}
     assert all(path.is_file() for path in report.checkpoints.values())
+    assert all(len(report.losses[name]) == report.settings.steps for name in ("prior", "no prior"))

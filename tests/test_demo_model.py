@@ -44,13 +44,15 @@ def test_loads_offline_as_sd1_with_its_config_folder(demo):
 
 
 def test_base_model_follows_colour_shape_and_background(demo):
-    """24 samples, every (colour, background) once per shape family; bounds well under the 100-sample numbers."""
+    """32 samples: every colour 4 times, on 4 other backgrounds, every shape 8 times; bounds under the 100-sample
+    numbers of the README (shape 92%, colour and background 100%)."""
     c = demo.components
     asked = []
-    for i in range(24):
-        colour = shapes.BASE_COLOURS[i % 6]
-        background = shapes.BASE_COLOURS[(i % 6 + 1 + i // 6) % 6]
-        asked.append((colour, shapes.BASE_SHAPES[i % 3], background))
+    colours, kinds = shapes.BASE_COLOURS, shapes.BASE_SHAPES
+    for i in range(32):
+        colour = colours[i % len(colours)]
+        background = colours[(i % len(colours) + 1 + i // len(colours)) % len(colours)]
+        asked.append((colour, kinds[i % len(kinds)], background))
     prompts = [shapes.full_caption(*a) for a in asked]
     with torch.no_grad():
         images = sample_images(c.unet, c.vae, c.text_encoder, c.tokenizer, prompts, seed=0, steps=15)
@@ -59,7 +61,7 @@ def test_base_model_follows_colour_shape_and_background(demo):
     background = sum(v.background == a[2] for v, a in zip(verdicts, asked)) / len(asked)
     shape = sum(v.shape == a[1] for v, a in zip(verdicts, asked)) / len(asked)
     assert colour >= 0.9 and background >= 0.9
-    assert shape >= 0.6
+    assert shape >= 0.75
 
 
 def test_base_model_never_draws_the_subject(demo):
