@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer steps and samples)")
     p.add_argument("--seed", type=int, default=0)
 
+    p = commands.add_parser(
+        "yaml", help="write the web UI's .yaml beside a checkpoint of unusual shape (the demo model and its children)"
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--tokenizer-dir", default="")
+
     p = commands.add_parser("ui", help="serve the DreamBooth tab without the web UI")
     p.add_argument("--models-dir", type=Path, default=Path("models"))
     p.add_argument("--host", default="127.0.0.1")
@@ -144,6 +150,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yaml(args: argparse.Namespace) -> int:
+    from .errors import ModelFormatError
+    from .models.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from .models.load import embedded_config
+
+    configs = embedded_config(args.checkpoint)
+    if configs is None:
+        raise ModelFormatError(
+            f"{args.checkpoint} carries no model configs in its header, so it has the stock SD 1.x shape (or is a "
+            ".ckpt) and the web UI needs no .yaml for it.",
+            "Only checkpoints of an unusual shape (the demo model, and what is trained from it) need one.",
+        )
+    folder = args.checkpoint.parent / TEXT_ENCODER_FOLDER
+    print(write_host_yaml(args.checkpoint, configs, folder, args.tokenizer_dir))
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from .ui.app import serve
 
@@ -151,7 +174,8 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "new": _new, "convert": _convert, "options": _options, "demo": _demo, "ui": _ui}
+COMMANDS = {"train": _train, "new": _new, "convert": _convert, "options": _options, "demo": _demo, "yaml": _yaml,
+            "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())

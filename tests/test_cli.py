@@ -118,3 +118,32 @@ def test_a_run_whose_supervisor_closes_stdin_cancels_itself(make_config, model_d
     assert child.wait(timeout=120) == 0
     finished = rest[-1]
     assert finished["event"] == "finished" and finished["cancelled"] and finished["step"] < 500
+
+
+def test_yaml_for_the_demo_model_placed_in_a_web_ui_folder(tmp_path, tokenizer_dir):
+    import shutil
+
+    import yaml
+
+    from dreambooth.demo.run import DEMO_CHECKPOINT
+
+    placed = tmp_path / "Stable-diffusion" / "shapes-sd1.safetensors"
+    placed.parent.mkdir()
+    shutil.copyfile(DEMO_CHECKPOINT, placed)
+    done = _cli("yaml", placed, "--tokenizer-dir", tokenizer_dir)
+    assert done.returncode == 0, done.stderr
+    params = yaml.safe_load(placed.with_suffix(".yaml").read_text())["model"]["params"]
+    assert params["unet_config"]["params"]["model_channels"] == 64
+    version = Path(params["cond_stage_config"]["params"]["version"])
+    assert json.loads((version / "config.json").read_text())["hidden_size"] == 64
+    assert (version / "vocab.json").is_file() and (version / "merges.txt").is_file()
+
+
+def test_yaml_refuses_a_stock_shaped_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, str(plain))
+    done = _cli("yaml", plain)
+    assert done.returncode == 1 and "needs no .yaml" in done.stderr
+    assert not plain.with_suffix(".yaml").exists()
