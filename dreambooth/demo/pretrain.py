@@ -295,7 +295,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_training(args: argparse.Namespace) -> None:
     """Both phases, the scoring and the files, into ``args.out``."""
-    from safetensors.torch import save_file
 
     from ..models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,11 +332,7 @@ def run_training(args: argparse.Namespace) -> None:
                                           args.batch, args.lr, args.text_lr, device)
     report.update(info)
     print(report, flush=True)
-    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(args.out / f"{name}.safetensors"))
-    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text_encoder.config.to_dict()}
-    (args.out / "configs.json").write_text(json.dumps(configs, indent=1, default=list))
+    save_run(args.out, unet, vae, text_encoder)
     report["accuracy"] = score_prompt_families(unet, vae, text_encoder, tokenizer, args.samples, device)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["accuracy"], indent=1), flush=True)
@@ -392,8 +387,6 @@ def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:
     """The inverse of :func:`export_model`: the shipped file as a run folder for ``--init-from``/``--vae-from``."""
     import tempfile
 
-    from safetensors.torch import save_file
-
     from ..models.load import load_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -401,10 +394,17 @@ def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:
         loaded = load_model(model_dir / "shapes-sd1.safetensors", Path(scratch) / "working", Path(scratch) / "cache",
                             tokenizer_dir=tokenizer_dir, config_dir=str(model_dir / "config"))
     c = loaded.components
-    for name, model in (("unet", c.unet), ("vae", c.vae), ("text_encoder", c.text_encoder)):
-        state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    return save_run(out, c.unet, c.vae, c.text_encoder)
+
+
+def save_run(out: Path, unet: Any, vae: Any, text_encoder: Any) -> Path:
+    """A run folder: the three components as diffusers-named fp16 safetensors, plus their configs."""
+    from safetensors.torch import save_file
+
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / f"{name}.safetensors"))
-    configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}
+    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text_encoder.config.to_dict()}
     (out / "configs.json").write_text(json.dumps(configs, indent=1, default=list))
     return out
 
