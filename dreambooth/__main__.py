@@ -152,7 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _yaml(args: argparse.Namespace) -> int:
     from .errors import ModelFormatError
-    from .models.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from .models.host_yaml import write_host_yaml
     from .models.load import embedded_config
 
     configs = embedded_config(args.checkpoint)
@@ -162,8 +162,7 @@ def _yaml(args: argparse.Namespace) -> int:
             ".ckpt) and the web UI needs no .yaml for it.",
             "Only checkpoints of an unusual shape (the demo model, and what is trained from it) need one.",
         )
-    folder = args.checkpoint.parent / TEXT_ENCODER_FOLDER
-    print(write_host_yaml(args.checkpoint, configs, folder, args.tokenizer_dir))
+    print(write_host_yaml(args.checkpoint, configs, tokenizer_dir=args.tokenizer_dir))
     return 0
 
 

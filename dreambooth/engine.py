@@ -290,7 +290,7 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     """Write the checkpoint of ``step``; a model of non-stock shape gets its configs in the header and, first
     (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from."""
     from .models.export import config_metadata
-    from .models.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from .models.host_yaml import write_host_yaml
 
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
     tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])
@@ -316,7 +316,7 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     metadata.update(config_metadata(loaded.diffusers_config))
     yaml_existed = path.with_suffix(".yaml").exists()
     if loaded.diffusers_config is not None and loaded.family == "sd1":
-        write_host_yaml(path, loaded.diffusers_config, output_dir / TEXT_ENCODER_FOLDER, config.tokenizer_dir)
+        write_host_yaml(path, loaded.diffusers_config, tokenizer_dir=config.tokenizer_dir)
     try:
         save_checkpoint(path, tensors, metadata)
     except BaseException:

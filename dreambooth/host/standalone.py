@@ -33,13 +33,13 @@ def install_demo_model(checkpoints_dir: Path, tokenizer_dir: str = "") -> Path |
     ):
         return None
     target = checkpoints_dir / DEMO_TITLE
-    from ..models.host_yaml import TEXT_ENCODER_FOLDER, write_host_yaml
+    from ..models.host_yaml import write_host_yaml
     from ..models.load import embedded_config
 
     configs = embedded_config(DEMO_CHECKPOINT)
     if configs is not None and not target.with_suffix(".yaml").exists():
         try:
-            write_host_yaml(target, configs, target.parent / TEXT_ENCODER_FOLDER, tokenizer_dir)
+            write_host_yaml(target, configs, tokenizer_dir=tokenizer_dir)
         except ModelFormatError:
             pass  # no CLIP tokenizer here: the yaml only serves the web UI; the app and the engine do without it
     return write_atomic(target, lambda temp: shutil.copyfile(DEMO_CHECKPOINT, temp))

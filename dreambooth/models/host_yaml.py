@@ -122,14 +122,16 @@ def ldm_yaml(config_dir: Path | Configs, text_encoder_dir: Path) -> str:
 
 
 def write_host_yaml(
-    checkpoint: Path, config_dir: Path | Configs, text_encoder_dir: Path, tokenizer_dir: str = ""
+    checkpoint: Path, config_dir: Path | Configs, text_encoder_dir: Path | None = None, tokenizer_dir: str = ""
 ) -> Path:
-    """Write ``<checkpoint>.yaml`` and fill ``text_encoder_dir`` (config.json + tokenizer files) for the web UI.
+    """Write ``<checkpoint>.yaml`` and fill ``text_encoder_dir`` (config.json + tokenizer files) for the web UI;
+    by default that folder is ``TEXT_ENCODER_FOLDER`` beside the checkpoint, shared by its neighbours.
 
     The folder is complete before the yaml exists, and every file appears whole (written atomically, and only
     when its content changes), so a web UI reading them while a later checkpoint is saved never sees half a file.
     """
     configs = _configs(config_dir)
+    text_encoder_dir = text_encoder_dir or checkpoint.parent / TEXT_ENCODER_FOLDER
     text_encoder_dir.mkdir(parents=True, exist_ok=True)
     _write_if_changed(
         text_encoder_dir / "config.json", json.dumps(configs["text_encoder/config.json"], indent=2).encode()
