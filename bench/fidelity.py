@@ -39,7 +39,7 @@ def windows(losses: list[float], size: int) -> list[float]:
 
 def main() -> None:
     """Train the demo once per mode and write results.json + results.md under ``--out``."""
-    from dreambooth.demo.run import run_demo
+    from dreambooth.demo.run import parse_overrides, run_demo
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a DemoSettings field")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    base = {k: json.loads(v) for k, v in (item.partition("=")[::2] for item in a.set)}
+    base = parse_overrides(a.set)
     results = {}
     for mode in a.modes:
         report = run_demo(a.out / mode, seed=a.seed, tokenizer_dir=a.tokenizer,

@@ -247,10 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     parser.add_argument("--tokenizer-dir", default="", help="folder with the CLIP vocab.json and merges.txt")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        overrides[name] = json.loads(value)
+    overrides = parse_overrides(args.set)
     report = run_demo(args.out_dir, args.quick, args.seed, args.checkpoint, args.config_dir,
                       events=_QuietEvents(), overrides=overrides, tokenizer_dir=args.tokenizer_dir)
     print(report.table())
@@ -259,6 +256,11 @@ def main(argv: list[str] | None = None) -> None:
                           "seconds": round(report.seconds, 1), "rows": [dataclasses.asdict(r) for r in report.rows]}))
     print(f"\ncheckpoints: {', '.join(str(p) for p in report.checkpoints.values())}\ngrid: {report.grid}\n"
           f"seconds: {report.seconds:.1f}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["steps=400", "captions=true"]`` → ``{"steps": 400, "captions": True}`` (values are JSON)."""
+    return {name: json.loads(value) for name, _, value in (item.partition("=") for item in items)}
 
 
 class _QuietEvents:
