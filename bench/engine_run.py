@@ -54,7 +54,7 @@ LOW_MEMORY = {
     "optimizer": "adamw_8bit",
     "gradient_checkpointing": True,
     "optimizer_in_backward": True,
-    "cuda_graphs": False,
+    "cuda_graphs": True,
     "compile_optimizer": True,
     "log_every": 10,
 }

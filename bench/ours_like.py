@@ -140,7 +140,7 @@ def main() -> None:
         if args.optimizer == "adamw8bit":
             from dreambooth.train.speed.adamw8bit import FlatAdamW8bit
 
-            optimizer = FlatAdamW8bit(flat, lr=args.lr, weight_decay=1e-2)
+            optimizer = FlatAdamW8bit(flat, lr=args.lr, weight_decay=1e-2, compile=args.optim_compile)
         else:
             state = torch.bfloat16 if args.state_dtype == "bf16" else torch.float32
             optimizer = FlatAdamW(

@@ -57,6 +57,7 @@ OURS_LIKE_MODES = {
     "speed-b1-bf16state": ["--batch", "1", "--state-dtype", "bf16"],
     "speed-b1-compiled": ["--batch", "1", "--compile", "default"],
     "speed-b1-blocks": ["--batch", "1", "--compile", "default", "--compile-scope", "blocks"],
+    "speed-b16-blocks-graph": ["--batch", "16", "--compile", "default", "--compile-scope", "blocks", "--graph"],
     "lowmem-b1": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward", "--checkpointing"],
     "lowmem-b1-nockpt": ["--batch", "1", "--optimizer", "adamw8bit", "--fused-backward"],
     "lowmem-b1-graph": ["--batch", "1", "--optimizer", "adamw8bit", "--checkpointing", "--graph"],

@@ -268,8 +268,8 @@ class TrainConfig:
         label="Optimizer",
         group="Optimizer",
         choices=("adamw", "adamw_8bit", "adafactor"),
-        help="AdamW; AdamW 8-bit (bitsandbytes, CUDA) keeps its state in 8 bits; "
-        "Adafactor keeps factored second moments.",
+        help="AdamW; AdamW 8-bit keeps its moments in 8 bits (with bf16 weights or the fused step our own kernel, "
+        "any device; with fp32 weights bitsandbytes' AdamW8bit, CUDA); Adafactor keeps factored second moments.",
     )
     adam_beta1: float = option(
         0.9,
@@ -371,9 +371,10 @@ class TrainConfig:
         True,
         label="CUDA graphs",
         group="Memory and speed",
-        help="Record the UNet's forward and backward once and replay them (several times faster at small batches). "
-        "Used on CUDA with bf16 weights, a frozen text encoder, no gradient checkpointing and the plain optimizer "
-        "step; otherwise the UNet runs as usual.",
+        help="Record the UNet's forward and backward once and replay them (several times faster at small batches); "
+        "with the fused optimizer step, the whole step (gradient checkpointing included) is recorded. Used on CUDA "
+        "with bf16 weights and a frozen text encoder, and without gradient checkpointing unless the optimizer step "
+        "is fused; otherwise the UNet runs as usual.",
     )
     compile_optimizer: bool = option(
         True,

@@ -28,6 +28,7 @@ from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_chec
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train
+from .train.speed.step_graph import enable_checkpointing
 
 T = TypeVar("T")
 
@@ -99,7 +100,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     apply_attention(components.unet, config.attention)
     components.unet.to(weights_dtype)
     if config.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
+        enable_checkpointing(components.unet)
         if config.train_text_encoder:
             components.text_encoder.gradient_checkpointing_enable()
 

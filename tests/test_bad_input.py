@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -185,9 +186,16 @@ def test_out_of_memory_becomes_advice(make_config, model_dir, events, monkeypatc
     assert not (model_dir / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16"])  # torch's optimizer path and the flat bf16 path
-def test_adamw_8bit_without_a_usable_bitsandbytes_says_what_to_do(make_config, model_dir, events, weights):
-    with pytest.raises(ConfigError, match="bitsandbytes") as error:
-        run(make_config(optimizer="adamw_8bit", weights_dtype=weights), model_dir, events)
+def test_adamw_8bit_without_a_usable_bitsandbytes_says_what_to_do(make_config, model_dir, events):
+    with pytest.raises(ConfigError, match="bitsandbytes") as error:  # fp32 weights: torch's optimizer path
+        run(make_config(optimizer="adamw_8bit", weights_dtype="fp32"), model_dir, events)
     assert "pick adamw" in error.value.advice
     assert not (model_dir / "checkpoints").exists()
+
+
+def test_adamw_8bit_on_bf16_weights_runs_its_own_kernel_without_bitsandbytes(make_config, model_dir, events):
+    result = run(make_config(optimizer="adamw_8bit", weights_dtype="bf16", max_steps=2), model_dir, events)
+    started = next(e for e in events.collected if e["event"] == "started")
+    assert started["optimizer"] == "FlatAdamW8bit"
+    assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+    assert result.checkpoints[-1].is_file()

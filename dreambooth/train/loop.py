@@ -24,6 +24,7 @@ from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
 from .speed.layout import graph_denoiser, to_channels_last
 from .speed.scalars import DeviceScalars
+from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
 from .state import latest_snapshot, restore_snapshot, save_snapshot
 from .update import Updater
 
@@ -112,12 +113,16 @@ def train(run: Run) -> RunResult:
         "dtype": weights_dtype,
         "memory_format": torch.channels_last if cfg.channels_last else torch.contiguous_format,
     }
-    graphed = _can_graph(run, train_te, weights_dtype)
+    graphed = _graph_kind(run, train_te, weights_dtype, updater)
+    step_graph: StepGraph | None = None
     if graphed:
         try:
-            forward = _capture(run, unet, updater, unet_input)
+            if graphed == "step":
+                step_graph = _capture_step(run, unet, updater, unet_input)
+            else:
+                forward = _capture(run, unet, updater, unet_input)
         except RuntimeError as exc:  # a kernel that cannot be recorded: run the UNet as usual
-            graphed = False
+            graphed = None
             if updater.flat_optimizer is not None and updater.flat.grad is not None:
                 updater.flat.zero_grad()
             run.events.emit("warning", message=f"CUDA graphs could not be recorded ({exc}); the UNet runs as usual.")
@@ -174,10 +179,6 @@ def train(run: Run) -> RunResult:
             latents = run.latents.sample([e.path for e in batch], flips, rng, generator)
             conditioning = run.prompts([e.prompt for e in batch], trainable=train_te)
             noised = add_noise(latents, scheduler, generator, cfg.offset_noise)
-            with autocast:
-                prediction = forward(
-                    noised.noisy_latents.to(**unet_input), noised.timesteps, conditioning.to(weights_dtype)
-                )
             weights = (
                 min_snr_weights(
                     noised.timesteps, scheduler.alphas_cumprod, cfg.min_snr_gamma, scheduler.config.prediction_type
@@ -185,12 +186,21 @@ def train(run: Run) -> RunResult:
                 if cfg.min_snr_gamma
                 else None
             )
-            loss = dreambooth_loss(prediction, noised.target, len(instance_ids), cfg.prior_loss_weight, weights)
-            updater.backward(loss.total / cfg.gradient_accumulation)
-        updater.step()
+            if step_graph is not None:  # forward, loss, backward and the UNet's update in one replay
+                loss_total = step_graph(**_step_inputs(noised, conditioning, weights))
+                continue
+            with autocast:
+                prediction = forward(
+                    noised.noisy_latents.to(**unet_input), noised.timesteps, conditioning.to(weights_dtype)
+                )
+            loss_total = dreambooth_loss(
+                prediction, noised.target, len(instance_ids), cfg.prior_loss_weight, weights
+            ).total
+            updater.backward(loss_total / cfg.gradient_accumulation)
+        updater.step(unet_updated=step_graph is not None)
         step += 1
 
-        losses.add(loss.total)
+        losses.add(loss_total)
         elapsed = time.perf_counter() - started
         pending.append((step, updater.lr, (step - first_step) / elapsed if elapsed > 0 else 0.0))
         save = (cfg.save_every and step % cfg.save_every == 0) or step == run.total_steps
@@ -219,17 +229,60 @@ def train(run: Run) -> RunResult:
     return outcome
 
 
-def _can_graph(run: Run, train_te: bool, weights_dtype: torch.dtype) -> bool:
-    cfg = run.config
-    return (
+def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: Updater) -> str | None:
+    """What a CUDA graph can record in this run: the whole step ('step', with the optimizer step fused into the
+    backward), the UNet's forward and backward ('denoiser'), or nothing (None)."""
+    cfg, unet = run.config, run.components.unet
+    if not (
         cfg.cuda_graphs
         and run.device.type == "cuda"
         and weights_dtype == torch.bfloat16
         and not train_te
-        and not cfg.gradient_checkpointing
-        and not cfg.optimizer_in_backward
         and run.autocast_dtype is None
-    )
+        and cfg.gradient_accumulation == 1
+    ):
+        return None
+    if updater.backward_step is not None:
+        stashes_rng = unet.is_gradient_checkpointing and not checkpointing_is_graph_safe(unet)
+        return None if stashes_rng else "step"
+    return None if cfg.gradient_checkpointing else "denoiser"
+
+
+def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGraph:
+    """Record forward, loss, backward and the fused UNet update for this run's fixed batch shape."""
+    cfg = run.config
+    rows = cfg.batch_size * (2 if run.classes else 1)
+    size = cfg.resolution // 8
+    latents = torch.randn(rows, unet.config.in_channels, size, size, device=run.device)
+    example = {
+        "sample": latents.to(**unet_input),
+        "timesteps": torch.randint(0, 1000, (rows,), device=run.device),
+        "context": run.prompts([run.instance[0].prompt] * rows, trainable=False).to(unet_input["dtype"]),
+        "target": torch.randn_like(latents),
+    }
+    if cfg.min_snr_gamma:
+        example["weights"] = torch.ones(rows, device=run.device)
+
+    def loss_of(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        prediction = unet(inputs["sample"], inputs["timesteps"], inputs["context"]).sample
+        return dreambooth_loss(
+            prediction, inputs["target"], cfg.batch_size, cfg.prior_loss_weight, inputs.get("weights")
+        ).total
+
+    assert updater.backward_step is not None
+    return capture_step(loss_of, updater.backward_step, example)
+
+
+def _step_inputs(noised, conditioning: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    inputs = {
+        "sample": noised.noisy_latents,
+        "timesteps": noised.timesteps,
+        "context": conditioning,
+        "target": noised.target,
+    }
+    if weights is not None:
+        inputs["weights"] = weights
+    return inputs
 
 
 def _capture(run: Run, unet, updater: Updater, unet_input: dict) -> Callable:

@@ -3,9 +3,9 @@
 Two paths, chosen by the config:
 - torch's optimizers on fp32 weights (AdamW fused on CUDA, AdamW 8-bit, Adafactor), with an fp16 GradScaler
   when autocast runs in fp16;
-- the UNet's weights in one flat buffer (``speed/flat.py``) updated by one AdamW kernel (``speed/adamw.py``,
-  8-bit moments with bitsandbytes) that writes bf16 weights with stochastic rounding; optionally inside the
-  backward pass (``speed/backward.py``), so the full gradient never exists. The text encoder, when it trains,
+- the UNet's weights in one flat buffer (``speed/flat.py``) updated by one AdamW kernel (``speed/adamw.py``, or
+  its 8-bit-moment twin ``speed/adamw8bit.py``) that writes bf16 weights with stochastic rounding; optionally inside
+  the backward pass (``speed/backward.py``), so the full gradient never exists. The text encoder, when it trains,
   stays on torch's optimizer.
 
 One LR schedule drives both: it is built on the torch optimizer, whose first group stands for the UNet (on the
@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from ..config import TrainConfig
-from .optim import adam_arguments, build_lr_scheduler, build_optimizer, require_bitsandbytes, trainable
+from .optim import adam_arguments, build_lr_scheduler, build_optimizer, trainable
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
 
@@ -72,10 +72,12 @@ class Updater:
         """Accumulate gradients of ``loss`` (scaled for fp16)."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> None:
-        """Apply the accumulated gradients, advance the LR schedule and clear the gradients."""
+    def step(self, unet_updated: bool = False) -> None:
+        """Apply the accumulated gradients, advance the LR schedule and clear the gradients. ``unet_updated``: the
+        UNet's fused update already ran (inside a recorded step graph)."""
         if self.backward_step is not None:
-            self.backward_step.finish()
+            if not unet_updated:
+                self.backward_step.finish()
         elif self.flat_optimizer is not None:
             self.flat_optimizer.step()
         if self.scaler:
@@ -121,14 +123,9 @@ class Updater:
 def _flat_optimizer(config: TrainConfig, flat: FlatParameters, compile_optimizer: bool):
     from .speed.adamw import FlatAdamW
 
+    compile = compile_optimizer and flat.data.is_cuda and importlib.util.find_spec("triton") is not None
     if config.optimizer == "adamw_8bit":
-        require_bitsandbytes()
         from .speed.adamw8bit import FlatAdamW8bit
 
-        return FlatAdamW8bit(flat, **adam_arguments(config))
-    return FlatAdamW(
-        flat,
-        **adam_arguments(config),
-        max_grad_norm=config.max_grad_norm or None,
-        compile=compile_optimizer and flat.data.is_cuda and importlib.util.find_spec("triton") is not None,
-    )
+        return FlatAdamW8bit(flat, **adam_arguments(config), compile=compile)
+    return FlatAdamW(flat, **adam_arguments(config), max_grad_norm=config.max_grad_norm or None, compile=compile)

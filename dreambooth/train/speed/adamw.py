@@ -16,6 +16,26 @@ from .flat import FlatParameters
 from .rounding import copy_stochastic_
 
 
+class CompiledUpdate:
+    """An elementwise update function, fused by ``torch.compile`` when ``compile``; if compiling fails (before
+    anything is written), the eager function takes over for good, with a warning."""
+
+    def __init__(self, function: Callable[..., None], compile: bool) -> None:
+        self.function = function
+        self._run: Callable[..., None] = torch.compile(function, dynamic=True) if compile else function
+
+    def __call__(self, *args) -> None:
+        try:
+            self._run(*args)
+        except Exception as exc:
+            if self._run is self.function:
+                raise
+            warnings.warn(f"the compiled {self.function.__name__} failed ({type(exc).__name__}: {exc}); "
+                          "using the eager one", stacklevel=3)
+            self._run = self.function
+            self._run(*args)
+
+
 def adamw_update_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -67,7 +87,7 @@ class FlatAdamW:
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         self.lr = torch.full((), lr, dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
-        self._update: Callable[..., None] = torch.compile(adamw_update_, dynamic=True) if compile else adamw_update_
+        self._update = CompiledUpdate(adamw_update_, compile)
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate without a host-device sync."""
@@ -80,29 +100,18 @@ class FlatAdamW:
 
     def update_range(self, start: int, stop: int, grad: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
         """Update ``flat.data[start:stop]`` from ``grad`` (same length), after :meth:`begin_step`."""
-        args = (
-            self.flat.data[start:stop],
-            grad,
-            self.exp_avg[start:stop],
-            self.exp_avg_sq[start:stop],
-            self.step_count,
-            self.lr,
-            self._one if grad_scale is None else grad_scale,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.weight_decay,
-        )
-        try:
-            self._update(*args)
-        except Exception as exc:  # torch.compile fails before it runs anything: fall back to the eager kernel
-            if self._update is adamw_update_:
-                raise
-            warnings.warn(
-                f"the compiled AdamW update failed ({type(exc).__name__}: {exc}); using the eager one", stacklevel=2
-            )
-            self._update = adamw_update_
-            self._update(*args)
+        self._call(self.flat.data[start:stop], grad, self.exp_avg[start:stop], self.exp_avg_sq[start:stop],
+                   self.step_count, self._one if grad_scale is None else grad_scale)
+
+    def rehearse(self, start: int, stop: int, grad: torch.Tensor) -> None:
+        """Run the update of ``[start, stop)`` on copies (weights and state unchanged): compiles and warms the
+        kernels for that size before a CUDA graph records them."""
+        self._call(self.flat.data[start:stop].clone(), grad, self.exp_avg[start:stop].clone(),
+                   self.exp_avg_sq[start:stop].clone(), self.step_count + 1, self._one)
+
+    def _call(self, param, grad, exp_avg, exp_avg_sq, step, grad_scale) -> None:
+        self._update(param, grad, exp_avg, exp_avg_sq, step, self.lr, grad_scale, self.beta1, self.beta2, self.eps,
+                     self.weight_decay)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -23,6 +23,8 @@ class RangeOptimizer(Protocol):
 
     def update_range(self, start: int, stop: int, grad: torch.Tensor, grad_scale=None) -> None: ...
 
+    def rehearse(self, start: int, stop: int, grad: torch.Tensor) -> None: ...
+
 
 class BackwardStep:
     """Attach ``optimizer`` to ``flat``'s parameters (built with ``with_grad_buffer=False``)."""
@@ -51,6 +53,7 @@ class BackwardStep:
         self._pending: list[int] = []
         self._done: list[bool] = []
         self._started = False
+        self.rehearsing = False  # run the optimizer's kernels on copies: nothing changes (CUDA graph warm-up)
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in flat.params]
 
     def _range(self, b: int) -> tuple[int, int]:
@@ -61,7 +64,8 @@ class BackwardStep:
         return start, stop
 
     def _begin(self) -> None:
-        self.optimizer.begin_step()
+        if not self.rehearsing:
+            self.optimizer.begin_step()
         self._pending = [len(m) for m in self.buckets]
         self._done = [False] * len(self.buckets)
         self._started = True
@@ -83,7 +87,10 @@ class BackwardStep:
             if p.grad is not None:
                 grads.as_strided(p.shape, p.stride(), self.flat.offsets[index] - start).copy_(p.grad)
                 p.grad = None
-        self.optimizer.update_range(start, stop, grads)
+        if self.rehearsing:
+            self.optimizer.rehearse(start, stop, grads)
+        else:
+            self.optimizer.update_range(start, stop, grads)
         self._done[b] = True
 
     def finish(self) -> None:
@@ -93,6 +100,12 @@ class BackwardStep:
         for b, done in enumerate(self._done):
             if not done:
                 self._run(b)
+        self._started = False
+
+    def reset(self) -> None:
+        """Forget a step cut short (an exception inside backward): drop its gradients, start afresh next time."""
+        for p in self.flat.params:
+            p.grad = None
         self._started = False
 
     def remove(self) -> None:

@@ -1,0 +1,48 @@
+"""On a GPU: the whole training step recorded as one CUDA graph (forward, loss, backward with the fused optimizer
+step inside, gradient checkpointing included) learns as the same step run eagerly does.
+
+Needs CUDA, so CI (CPU only) skips it and counts nothing from it; it runs on the device machine:
+``python -m pytest -q tests/test_cuda_step_graph.py``. Speed is measured by ``bench/``, not here.
+"""
+
+import pytest
+import torch
+
+from dreambooth.engine import run
+from dreambooth.events import Events
+from dreambooth.models.read import read_tensors
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs: needs a GPU")
+
+
+def _train(make_config, folder, **options):
+    collected: list[dict] = []
+    config = make_config(
+        device="cuda", max_steps=40, weights_dtype="bf16", optimizer_in_backward=True, learning_rate=3e-4,
+        log_every=1, save_dtype="fp32", **options,
+    )
+    result = run(config, folder, Events(on_event=collected.append))
+    started = next(e for e in collected if e["event"] == "started")
+    started["warnings"] = [e["message"] for e in collected if e["event"] == "warning"]
+    return result, started, read_tensors(result.checkpoints[-1])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adamw"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_recorded_step_learns_like_the_eager_step(make_config, tmp_path, tiny, optimizer, checkpointing):
+    options = {"optimizer": optimizer, "gradient_checkpointing": checkpointing}
+    graphed, graphed_start, graphed_weights = _train(make_config, tmp_path / "g" / "zwx", cuda_graphs=True, **options)
+    eager, eager_start, eager_weights = _train(make_config, tmp_path / "e" / "zwx", cuda_graphs=False, **options)
+    assert graphed_start["cuda_graphs"] == "step", graphed_start["warnings"]
+    assert not eager_start["cuda_graphs"]
+    assert graphed_start["optimizer"] == eager_start["optimizer"]
+    # same seed, same data, same noise: the first step's loss is the same number
+    assert graphed.losses[0] == pytest.approx(eager.losses[0], rel=1e-2)
+    late = slice(len(eager.losses) // 2, None)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert mean(graphed.losses[late]) == pytest.approx(mean(eager.losses[late]), rel=0.15)
+    source = read_tensors(tiny.path)
+    unet = [k for k in eager_weights if k.startswith("model.diffusion_model.")]
+    moved = sum((eager_weights[k].float() - source[k].float()).norm() ** 2 for k in unet) ** 0.5
+    apart = sum((graphed_weights[k].float() - eager_weights[k].float()).norm() ** 2 for k in unet) ** 0.5
+    assert moved > 0 and apart < 0.5 * moved  # both learned, and learned nearly the same thing
