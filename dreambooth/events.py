@@ -2,7 +2,9 @@
 
 Every event has ``event`` (its kind) and ``time`` (Unix seconds). The kinds and their fields:
 
-- ``started``: ``model``, ``total_steps``, ``resumed_from`` (step or 0)
+- ``started``: ``model``, ``total_steps``, ``resumed_from`` (step or 0), and how the step runs: ``device``,
+  ``weights``, ``precision``, ``optimizer``, ``attention``, ``gradient_checkpointing``, ``channels_last``,
+  ``cuda_graphs`` ("step": the whole step recorded, "denoiser": the UNet's forward and backward, or null)
 - ``status``: ``message`` (a phase: loading the model, generating class images, caching)
 - ``progress``: ``phase``, ``done``, ``total`` (class-image generation, caching)
 - ``step``: ``step``, ``total``, ``loss``, ``lr``, ``it_per_s``, ``eta_s``, ``memory_mb``
