@@ -251,17 +251,10 @@ def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: U
 def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGraph:
     """Record forward, loss, backward and the fused UNet update for this run's fixed batch shape."""
     cfg = run.config
-    rows = cfg.batch_size * (2 if run.classes else 1)
-    size = cfg.resolution // 8
-    latents = torch.randn(rows, unet.config.in_channels, size, size, device=run.device)
-    example = {
-        "sample": latents.to(**unet_input),
-        "timesteps": torch.randint(0, 1000, (rows,), device=run.device),
-        "context": run.prompts([run.instance[0].prompt] * rows, trainable=False).to(unet_input["dtype"]),
-        "target": torch.randn_like(latents),
-    }
+    example = _example_batch(run, unet, unet_input)
+    example["target"] = torch.randn(example["sample"].shape, device=run.device)
     if cfg.min_snr_gamma:
-        example["weights"] = torch.ones(rows, device=run.device)
+        example["weights"] = torch.ones(example["sample"].shape[0], device=run.device)
 
     def loss_of(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         prediction = unet(inputs["sample"], inputs["timesteps"], inputs["context"]).sample
@@ -271,6 +264,18 @@ def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGra
 
     assert updater.backward_step is not None
     return capture_step(loss_of, updater.backward_step, example)
+
+
+def _example_batch(run: Run, unet, unet_input: dict) -> dict[str, torch.Tensor]:
+    """Random UNet inputs of this run's fixed batch shape, dtypes and memory format, for recording a graph."""
+    cfg = run.config
+    rows = cfg.batch_size * (2 if run.classes else 1)
+    size = cfg.resolution // 8
+    return {
+        "sample": torch.randn(rows, unet.config.in_channels, size, size, device=run.device).to(**unet_input),
+        "timesteps": torch.randint(0, 1000, (rows,), device=run.device),
+        "context": run.prompts([run.instance[0].prompt] * rows, trainable=False).to(unet_input["dtype"]),
+    }
 
 
 def _step_inputs(noised, conditioning: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -287,14 +292,8 @@ def _step_inputs(noised, conditioning: torch.Tensor, weights: torch.Tensor | Non
 
 def _capture(run: Run, unet, updater: Updater, unet_input: dict) -> Callable:
     """Record the UNet's forward and backward for this run's fixed batch shape, then clear the warm-up gradients."""
-    cfg = run.config
-    rows = cfg.batch_size * (2 if run.classes else 1)
-    size = cfg.resolution // 8
-    sample = torch.randn(rows, unet.config.in_channels, size, size, device=run.device).to(**unet_input)
-    timesteps = torch.randint(0, 1000, (rows,), device=run.device)
-    prompts = [run.instance[0].prompt] * rows
-    context = run.prompts(prompts, trainable=False).to(unet_input["dtype"])
-    graphed = graph_denoiser(unet, sample, timesteps, context)
+    example = _example_batch(run, unet, unet_input)
+    graphed = graph_denoiser(unet, example["sample"], example["timesteps"], example["context"])
     if updater.flat_optimizer is not None and updater.flat.grad is not None:
         updater.flat.zero_grad()
 

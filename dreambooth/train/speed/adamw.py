@@ -36,6 +36,27 @@ class CompiledUpdate:
             self._run(*args)
 
 
+def adamw_arithmetic(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.optim.AdamW's step on fp32 tensors: new (weights, first moment, second moment) from the old ones and
+    the gradient ``g``; ``step`` is the count after this step. Shared by the fp32/bf16 and the 8-bit updates."""
+    m = m.lerp(g, 1.0 - beta1)
+    v = v * beta2 + g * g * (1.0 - beta2)
+    denom = v.sqrt() / (1.0 - beta2**step).sqrt() + eps
+    p = p * (1.0 - lr * weight_decay) - (lr / (1.0 - beta1**step)) * m / denom
+    return p, m, v
+
+
 def adamw_update_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -51,14 +72,8 @@ def adamw_update_(
 ) -> None:
     """One AdamW step in place on 1-D slices. ``step`` (count after this step), ``lr``, ``grad_scale`` are
     0-d fp32 device tensors. bf16 ``param``/state are written with stochastic rounding, fp32 ones exactly."""
-    g = grad.float() * grad_scale
-    p = param.float()
-    m = exp_avg.float().lerp(g, 1.0 - beta1)
-    v = exp_avg_sq.float() * beta2 + g * g * (1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
-    denom = v.sqrt() / bias2.sqrt() + eps
-    p = p * (1.0 - lr * weight_decay) - (lr / bias1) * m / denom
+    p, m, v = adamw_arithmetic(param.float(), grad.float() * grad_scale, exp_avg.float(), exp_avg_sq.float(),
+                               step, lr, beta1, beta2, eps, weight_decay)
     copy_stochastic_(param, p)
     copy_stochastic_(exp_avg, m)
     copy_stochastic_(exp_avg_sq, v)

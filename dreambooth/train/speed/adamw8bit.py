@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw import CompiledUpdate
+from .adamw import CompiledUpdate, adamw_arithmetic
 from .flat import FlatParameters
 from .rounding import copy_stochastic_
 
@@ -81,13 +81,8 @@ def adamw8bit_update_(
     """One AdamW step in place on 1-D slices of a multiple of 256 elements; ``step`` (count after this step),
     ``lr`` and ``grad_scale`` are 0-d fp32 device tensors. The moments are decoded, updated in fp32, used for
     the weight update and encoded again; bf16 weights are written with stochastic rounding."""
-    g = grad.float() * grad_scale
-    m = dequantize_blocks(state1, absmax1, code1).lerp(g, 1.0 - beta1)
-    v = dequantize_blocks(state2, absmax2, code2) * beta2 + g * g * (1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
-    denom = v.sqrt() / bias2.sqrt() + eps
-    p = param.float() * (1.0 - lr * weight_decay) - (lr / bias1) * m / denom
+    p, m, v = adamw_arithmetic(param.float(), grad.float() * grad_scale, dequantize_blocks(state1, absmax1, code1),
+                               dequantize_blocks(state2, absmax2, code2), step, lr, beta1, beta2, eps, weight_decay)
     copy_stochastic_(param, p)
     codes1, scale1 = quantize_blocks(m, mid1)
     codes2, scale2 = quantize_blocks(v, mid2)
