@@ -4,7 +4,8 @@ Every event has ``event`` (its kind) and ``time`` (Unix seconds). The kinds and 
 
 - ``started``: ``model``, ``total_steps``, ``resumed_from`` (step or 0), and how the step runs: ``device``,
   ``weights``, ``precision``, ``optimizer``, ``attention``, ``gradient_checkpointing``, ``channels_last``,
-  ``cuda_graphs`` ("step": the whole step recorded, "denoiser": the UNet's forward and backward, or null)
+  ``cuda_graphs`` ("step": the whole step recorded, "denoiser": the UNet's forward and backward, or null),
+  ``compiled_blocks`` (UNet blocks compiled by torch.compile, 0 when not) and ``compile_s`` (seconds compiling)
 - ``status``: ``message`` (a phase: loading the model, generating class images, caching)
 - ``progress``: ``phase``, ``done``, ``total`` (class-image generation, caching)
 - ``step``: ``step``, ``total``, ``loss``, ``lr``, ``it_per_s``, ``eta_s``, ``memory_mb``

@@ -150,6 +150,7 @@ ELSEWHERE = {
     "log_every": "test_options.py::test_log_every_batches_the_step_events",
     "cuda_graphs": "CUDA only: bench/ measures it on the GPU (the started event reports whether it ran)",
     "compile_optimizer": "CUDA + Triton only: bench/ measures it on the GPU",
+    "compile_unet": "test_compile_unet.py (the started event's compiled_blocks; the losses)",
     "concepts": "test_train.py",
     "concepts.instance_dir": "test_bad_input.py::test_missing_and_empty_instance_folders",
     "concepts.class_dir": "test_train.py::test_user_class_images_count_towards_the_total",

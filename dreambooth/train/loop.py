@@ -22,7 +22,7 @@ from ..data.dataset import DataOrder, Example
 from ..events import Events
 from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
-from .speed.layout import graph_denoiser, to_channels_last
+from .speed.layout import compile_blocks, graph_denoiser, to_channels_last, uncompile_blocks
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
 from .state import latest_snapshot, restore_snapshot, save_snapshot
@@ -113,6 +113,12 @@ def train(run: Run) -> RunResult:
         "dtype": weights_dtype,
         "memory_format": torch.channels_last if cfg.channels_last else torch.contiguous_format,
     }
+    autocast = (
+        torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
+    )
+    compiling = time.perf_counter()
+    compiled_blocks = _compile_unet(run, unet, unet_input, autocast) if cfg.compile_unet else 0
+    compile_s = time.perf_counter() - compiling if compiled_blocks else 0.0
     graphed = _graph_kind(run, train_te, weights_dtype, updater)
     step_graph: StepGraph | None = None
     if graphed:
@@ -139,11 +145,10 @@ def train(run: Run) -> RunResult:
         gradient_checkpointing=bool(unet.is_gradient_checkpointing),
         channels_last=_is_channels_last(unet),
         cuda_graphs=graphed,
+        compiled_blocks=compiled_blocks,
+        compile_s=round(compile_s, 1),
     )
 
-    autocast = (
-        torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
-    )
     te_stop_step = math.ceil(cfg.text_encoder_stop * run.total_steps)
     outcome = RunResult(step=step, cancelled=False)
     losses, pending = DeviceScalars(), []
@@ -246,6 +251,27 @@ def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: U
         stashes_rng = unet.is_gradient_checkpointing and not checkpointing_is_graph_safe(unet)
         return None if stashes_rng else "step"
     return None if cfg.gradient_checkpointing else "denoiser"
+
+
+def _compile_unet(run: Run, unet, unet_input: dict, autocast) -> int:
+    """Wrap the UNet's blocks for torch.compile and compile them now, with one forward and backward on a batch
+    of this run's shape (gradients to the input only: no weight sees them); returns the blocks compiled, or 0 --
+    with a warning, and the UNet as it was -- when the compiler fails (no Triton, no C++ compiler, an unsupported
+    op)."""
+    count = compile_blocks(unet)
+    example = _example_batch(run, unet, unet_input)
+    sample = example["sample"].detach().requires_grad_()
+    run.events.emit("status", message=f"Compiling the UNet ({count} blocks; minutes on a first run)")
+    try:
+        with autocast:
+            prediction = unet(sample, example["timesteps"], example["context"]).sample
+        torch.autograd.grad(prediction.float().square().mean(), sample)
+    except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
+        uncompile_blocks(unet)
+        run.events.emit("warning", message=f"The UNet could not be compiled ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it runs as usual.")
+        return 0
+    return count
 
 
 def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGraph:

@@ -58,13 +58,30 @@ def compile_blocks(
         nonlocal count
         for child in parent.children():
             if type(child).__name__ in block_names:
-                child.compile(mode=mode)
+                child.compile(mode=mode, dynamic=False)
                 count += 1
             else:
                 visit(child)
 
     visit(module)
+    _allow_recompiles(count)
     return count
+
+
+def uncompile_blocks(module: torch.nn.Module) -> None:
+    """Undo :func:`compile_blocks`: every block runs its plain forward again."""
+    for child in module.modules():
+        if getattr(child, "_compiled_call_impl", None) is not None:
+            child._compiled_call_impl = None
+
+
+def _allow_recompiles(count: int) -> None:
+    """Blocks of one class share a code object, and each shape among them is its own compiled graph: past
+    dynamo's recompile limit (8) the rest would silently run eagerly, so raise it to one per block."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name, count) < count:
+        setattr(config, name, count)
 
 
 class _Denoiser(torch.nn.Module):
