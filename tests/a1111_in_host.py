@@ -36,9 +36,11 @@ assert shared.cmd_opts.dreambooth_dir == str(data / "db-models"), "preload.py di
 sd_models.list_models()
 
 sys.path.insert(0, str(repo))  # what the web UI does while it loads an extension's scripts/
-script_loading.load_module(str(repo / "scripts" / "dreambooth.py"))
-from dreambooth.host import a1111
-from dreambooth.host.base import Host
+entry = script_loading.load_module(str(repo / "scripts" / "dreambooth.py"))
+sys.path.remove(str(repo))
+assert "dreambooth" not in sys.modules, "the name belongs to d8ahazard's extension too: the entry must not take it"
+a1111 = sys.modules[f"{entry.PACKAGE}.host.a1111"]
+Host = sys.modules[f"{entry.PACKAGE}.host.base"].Host
 
 for kind, function in [("ui_tabs", a1111.ui_tabs), ("app_started", a1111.app_started),
                        ("ui_settings", a1111.ui_settings)]:
@@ -101,13 +103,18 @@ tabs = a1111.ui_tabs()
 assert [(title, elem_id) for _, title, elem_id in tabs] == [("DreamBooth", "dreambooth")]
 
 # a real (tiny) training supervised inside the web UI: its checkpoints appear in the web UI's list at once
+from importlib import import_module
+
 import numpy as np
 from PIL import Image
 
-from dreambooth.config import TrainConfig
-from dreambooth.models.export import checkpoint_tensors, save_checkpoint
-from dreambooth.models.tiny import build_tiny_components, write_config_folder
-from dreambooth.models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
+TrainConfig = import_module(f"{entry.PACKAGE}.config").TrainConfig
+checkpoint_tensors, save_checkpoint = (getattr(import_module(f"{entry.PACKAGE}.models.export"), n)
+                                       for n in ("checkpoint_tensors", "save_checkpoint"))
+build_tiny_components, write_config_folder = (getattr(import_module(f"{entry.PACKAGE}.models.tiny"), n)
+                                              for n in ("build_tiny_components", "write_config_folder"))
+find_tokenizer_dir, load_clip_tokenizer = (getattr(import_module(f"{entry.PACKAGE}.models.tokenizer"), n)
+                                           for n in ("find_tokenizer_dir", "load_clip_tokenizer"))
 
 tokenizer_dir = find_tokenizer_dir(None, data / "tokenizer")
 components = build_tiny_components(load_clip_tokenizer(tokenizer_dir), seed=0)

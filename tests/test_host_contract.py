@@ -301,12 +301,26 @@ def test_a1111_refuses_to_switch_under_frozen_settings(fake) -> None:
         a1111.A1111Host().select_checkpoint(models / "Stable-diffusion" / "base.safetensors")
 
 
-def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake) -> None:
-    a1111, modules, models = fake
+@pytest.fixture
+def entry(monkeypatch: pytest.MonkeyPatch):
+    """Runs scripts/dreambooth.py as the web UI does (a module object of its own, never in sys.modules) and
+    returns the ``a1111`` module it registered; forgets the package it loaded afterwards."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dreambooth_entry", REPO / "scripts" / "dreambooth.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    def load():
+        spec = importlib.util.spec_from_file_location("dreambooth.py", REPO / "scripts" / "dreambooth.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        return sys.modules[f"{script.PACKAGE}.host.a1111"]
+
+    yield load
+    for name in [n for n in sys.modules if n == "dreambooth_tab" or n.startswith("dreambooth_tab.")]:
+        del sys.modules[name]
+
+
+def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake, entry) -> None:
+    _, modules, models = fake
+    a1111 = entry()
     callbacks = modules.script_callbacks.callback_map
     assert callbacks["callbacks_ui_tabs"] == [a1111.ui_tabs]
     assert callbacks["callbacks_app_started"] == [a1111.app_started]
@@ -326,6 +340,38 @@ def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake) 
     routes = len(app.routes)
     a1111.app_started(None, app)
     assert len(app.routes) == routes
+
+
+def test_the_extension_and_another_package_named_dreambooth_both_load(fake, entry, tmp_path, monkeypatch) -> None:
+    """d8ahazard's extension is a package named ``dreambooth``; in either load order each keeps its own code."""
+    other = tmp_path / "incumbent" / "dreambooth"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("OWNER = 'incumbent'\n")
+    (other / "shared.py").write_text("status = 'idle'\n")
+    for name in [n for n in sys.modules if n == "dreambooth" or n.startswith("dreambooth.")]:
+        monkeypatch.delitem(sys.modules, name)  # this test session's own import of our package, restored after
+    monkeypatch.syspath_prepend(str(other.parent))
+    modules = fake[1]
+
+    def incumbent_works() -> bool:
+        from dreambooth import shared
+
+        return sys.modules["dreambooth"].OWNER == "incumbent" and shared.status == "idle"
+
+    import dreambooth  # the incumbent first ...
+
+    assert dreambooth.OWNER == "incumbent"
+    a1111 = entry()  # ... then us
+    assert modules.script_callbacks.callback_map["callbacks_ui_tabs"][-1] == a1111.ui_tabs
+    assert a1111.A1111Host().checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
+    assert incumbent_works()
+
+    for name in [n for n in sys.modules if n.split(".")[0] in ("dreambooth", "dreambooth_tab")]:
+        del sys.modules[name]
+    a1111 = entry()  # us first ...
+    assert "dreambooth" not in sys.modules
+    assert incumbent_works()  # ... then the incumbent
+    assert a1111.A1111Host().checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
 
 
 def test_preload_adds_the_flags() -> None:
