@@ -46,3 +46,49 @@ def test_the_recorded_step_learns_like_the_eager_step(make_config, tmp_path, tin
     moved = sum((eager_weights[k].float() - source[k].float()).norm() ** 2 for k in unet) ** 0.5
     apart = sum((graphed_weights[k].float() - eager_weights[k].float()).norm() ** 2 for k in unet) ** 0.5
     assert moved > 0 and apart < 0.5 * moved  # both learned, and learned nearly the same thing
+
+
+def test_a_run_stopped_and_resumed_continues_where_the_recorded_step_left_off(make_config, tmp_path):
+    """Cancel at step 3 of 6, resume: the resumed run records the step again and ends where an uninterrupted run
+    ends (bit for bit when two uninterrupted runs agree bit for bit; else no further apart than they are)."""
+    from dreambooth.events import CANCEL_FILE
+
+    def train(folder, on_event=None):
+        collected: list[dict] = []
+
+        def listen(event):
+            collected.append(event)
+            if on_event:
+                on_event(event)
+
+        config = make_config(device="cuda", max_steps=6, weights_dtype="bf16", optimizer_in_backward=True,
+                             optimizer="adamw_8bit", gradient_checkpointing=True, learning_rate=3e-4, log_every=1,
+                             save_dtype="fp32")
+        result = run(config, folder, Events(on_event=listen))
+        started = next(e for e in collected if e["event"] == "started")
+        return result, started
+
+    first, started = train(tmp_path / "a" / "zwx")
+    second, _ = train(tmp_path / "b" / "zwx")
+    assert started["cuda_graphs"] == "step"
+    stopped_dir = tmp_path / "c" / "zwx"
+
+    def stop_at_3(event):
+        if event["event"] == "step" and event["step"] == 3:
+            (stopped_dir / CANCEL_FILE).touch()
+
+    stopped, _ = train(stopped_dir, stop_at_3)
+    assert stopped.step == 3 and stopped.cancelled
+    resumed, resumed_start = train(stopped_dir)
+    assert resumed_start["resumed_from"] == 3 and resumed_start["cuda_graphs"] == "step"
+    assert resumed.losses == pytest.approx(first.losses[3:], rel=1e-2)
+
+    def gap(a, b) -> float:
+        x, y = read_tensors(a.checkpoints[-1]), read_tensors(b.checkpoints[-1])
+        return sum((x[k].float() - y[k].float()).norm() ** 2 for k in x) ** 0.5
+
+    chance = gap(first, second)
+    if chance == 0:
+        assert gap(first, resumed) == 0
+    else:
+        assert gap(first, resumed) <= 2 * chance
