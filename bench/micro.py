@@ -3,13 +3,16 @@
 block by block, compiled whole) and one optimizer step over all 859.5 M UNet weights (each optimizer variant).
 
     python bench/micro.py --model /tmp/dreambooth-bench/sd15 [--batches 1 8] [--unet eager blocks full] [--optim]
+        [--cudnn-first] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,7 +37,20 @@ def timed(fn, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool) -> None:
+@contextlib.contextmanager
+def cudnn_first(enabled: bool) -> Iterator[None]:
+    """While inside, SDPA tries cuDNN's attention kernel first (by default flash comes first, cuDNN last)."""
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool, profile: bool = False) -> None:
     """Print compile seconds and median fwd+bwd milliseconds of one variant."""
     from diffusers import UNet2DConditionModel
 
@@ -76,6 +92,11 @@ def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool) ->
         f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB",
         flush=True,
     )
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 
 
 def optim_cases(model_dir: Path) -> None:
@@ -143,14 +164,22 @@ def main() -> None:
     ap.add_argument("--unet", nargs="*", default=["eager", "graphed"])
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--optim", action="store_true")
+    ap.add_argument("--cudnn-first", action="store_true", help="SDPA tries cuDNN's attention first")
+    ap.add_argument("--profile", action="store_true", help="print the UNet step's 15 costliest GPU kernels")
     a = ap.parse_args()
+    with cudnn_first(a.cudnn_first):
+        run_cases(a)
+
+
+def run_cases(a: argparse.Namespace) -> None:
+    """The optimizer and UNet cases of the command line."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if a.optim:
         optim_cases(a.model)
     for batch in a.batches:
         for variant in a.unet:
-            unet_case(a.model, batch, variant, a.checkpointing)
+            unet_case(a.model, batch, variant, a.checkpointing, a.profile)
             torch.cuda.empty_cache()
 
 
