@@ -79,6 +79,25 @@ def test_the_working_copy_is_reused_and_gives_the_same_model(tmp_path, tiny):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _working_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin"))
+
+
+def test_an_fp16_source_keeps_an_fp16_working_copy_that_loads_to_the_same_fp32_model(tmp_path, tiny):
+    tensors = read_tensors(tiny.path)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    source = save_checkpoint(tmp_path / "tiny-fp16.safetensors", half)
+    fresh = load_model(source, tmp_path / "w16", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    reused = load_model(source, tmp_path / "w16", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    load_model(tiny.path, tmp_path / "w32", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    assert _working_bytes(tmp_path / "w16") < 0.55 * _working_bytes(tmp_path / "w32")
+    for loaded in (fresh, reused):
+        assert {p.dtype for p in loaded.components.unet.parameters()} == {torch.float32}  # fp32 master weights
+    a, b = checkpoint_tensors(fresh.components), checkpoint_tensors(reused.components)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], half[k].float()) for k in a if k in half)  # nothing lost on the way
+
+
 def test_safetensors_header_carries_modelspec_and_training_summary(tmp_path, tiny):
     meta = modelspec("sd1", "epsilon", 512, "zwx (step 10)", {"step": 10, "instance_prompts": ["photo of zwx"]})
     path = save_checkpoint(tmp_path / "m.safetensors", checkpoint_tensors(tiny.components), meta)

@@ -70,6 +70,9 @@ class LoadedModel:
     diffusers_config: dict[str, dict] | None = None
     """The config folder's files (``CONFIG_FILES`` → JSON) when they differ from the family's stock folder:
     exports carry them in their header, and the web UI needs a ``.yaml`` for them. None for a stock model."""
+    stored_dtype: torch.dtype = torch.float32
+    """The precision every weight of the source file had (fp16 for most checkpoints people share): the working
+    copy is kept in it, as nothing finer exists to keep."""
 
 
 def load_model(
@@ -95,6 +98,7 @@ def load_model(
         loaded.source_id = source_id
         loaded.family = stamped.get("family", loaded.family)
         loaded.diffusers_config = stamped["diffusers_config"]
+        _to_fp32(loaded)
         return loaded
     if source.is_dir():
         loaded = _load_diffusers_folder(source, cache_dir, tokenizer_dir)
@@ -106,10 +110,15 @@ def load_model(
             "Pick a .safetensors or .ckpt file.",
         )
     loaded.source_id = source_id
-    for model in (loaded.components.unet, loaded.components.vae, loaded.components.text_encoder):
-        model.to(torch.float32)  # fp16 files still train with fp32 master weights
-    _save_working(loaded, working_dir)
+    _save_working(loaded, working_dir)  # in the source's precision: an fp16 file's copy takes half the disk
+    _to_fp32(loaded)
     return loaded
+
+
+def _to_fp32(loaded: LoadedModel) -> None:
+    """fp16 files still train with fp32 master weights (widening is exact: the copy on disk loses nothing)."""
+    for model in (loaded.components.unet, loaded.components.vae, loaded.components.text_encoder):
+        model.to(torch.float32)
 
 
 def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_dir: str) -> LoadedModel:
@@ -129,6 +138,8 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
     tokenizer = load_clip_tokenizer(find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer"))
     tensors = read_tensors(path)
     extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIXES + DROPPED_PREFIXES)}
+    stored = {v.dtype for k, v in tensors.items() if k.startswith(MODEL_PREFIXES) and v.is_floating_point()}
+    stored_dtype = stored.pop() if len(stored) == 1 and stored < {torch.float16, torch.bfloat16} else torch.float32
     readable = path
     if path.suffix.lower() != ".safetensors":
         readable = cache_dir / f"{path.stem}.converting.safetensors"
@@ -153,6 +164,7 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
         source_id="",
         extra_tensors=extra,
         diffusers_config=_unless_stock(read_config_folder(config_folder), family),
+        stored_dtype=stored_dtype,
     )
 
 
@@ -337,9 +349,9 @@ def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
         shutil.rmtree(working_dir / name, ignore_errors=True)
     working_dir.mkdir(parents=True, exist_ok=True)
     c = loaded.components
-    c.unet.save_pretrained(str(working_dir / "unet"))
-    c.vae.save_pretrained(str(working_dir / "vae"))
-    c.text_encoder.save_pretrained(str(working_dir / "text_encoder"))
+    for model, name in ((c.unet, "unet"), (c.vae, "vae"), (c.text_encoder, "text_encoder")):
+        model.to(loaded.stored_dtype)  # exact: the weights came from tensors of this precision
+        model.save_pretrained(str(working_dir / name))
     c.scheduler.save_pretrained(str(working_dir / "scheduler"))
     c.tokenizer.save_pretrained(str(working_dir / "tokenizer"))
     if loaded.extra_tensors:
