@@ -65,6 +65,8 @@ ENGINE_MODES = {
     "speed-b32": {"batch_size": 32, **SPEED},
     "speed-b1-compiled": {"batch_size": 1, **SPEED, "compile_unet": True},
     "speed-b16-compiled": {"batch_size": 16, **SPEED, "compile_unet": True},
+    "speed-b16-nchw": {"batch_size": 16, **SPEED, "channels_last": False},
+    "speed-b16-compiled-nchw": {"batch_size": 16, **SPEED, "compile_unet": True, "channels_last": False},
     "speed-b24-compiled": {"batch_size": 24, **SPEED, "compile_unet": True},
     "speed-b32-compiled": {"batch_size": 32, **SPEED, "compile_unet": True},
     "lowmem-b1": {"batch_size": 1, **LOW_MEMORY},

@@ -50,13 +50,17 @@ def cudnn_first(enabled: bool) -> Iterator[None]:
         yield
 
 
-def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool, profile: bool = False) -> None:
+def unet_case(
+    model_dir: Path, batch: int, variant: str, checkpointing: bool, profile: bool = False, channels_last: bool = True
+) -> None:
     """Print compile seconds and median fwd+bwd milliseconds of one variant."""
     from diffusers import UNet2DConditionModel
 
     torch._dynamo.reset()
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.bfloat16).cuda()
-    to_channels_last(unet).train()
+    if channels_last:
+        to_channels_last(unet)
+    unet.train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
     model = unet
@@ -65,7 +69,9 @@ def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool, pr
     elif variant == "full":
         model = torch.compile(unet, dynamic=False)
     n = 2 * batch
-    x = torch.randn(n, 4, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (n,), device="cuda")
     c = torch.randn(n, 77, 768, device="cuda", dtype=torch.bfloat16)
 
@@ -88,7 +94,8 @@ def unet_case(model_dir: Path, batch: int, variant: str, checkpointing: bool, pr
     ips = n / ms * 1e3
     peak = torch.cuda.max_memory_allocated() / 1e9
     print(
-        f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}: first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
+        f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}{'' if channels_last else ' nchw'}: "
+        f"first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
         f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB",
         flush=True,
     )
@@ -165,6 +172,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--optim", action="store_true")
     ap.add_argument("--cudnn-first", action="store_true", help="SDPA tries cuDNN's attention first")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--profile", action="store_true", help="print the UNet step's 15 costliest GPU kernels")
     a = ap.parse_args()
     with cudnn_first(a.cudnn_first):
@@ -179,7 +187,7 @@ def run_cases(a: argparse.Namespace) -> None:
         optim_cases(a.model)
     for batch in a.batches:
         for variant in a.unet:
-            unet_case(a.model, batch, variant, a.checkpointing, a.profile)
+            unet_case(a.model, batch, variant, a.checkpointing, a.profile, a.channels_last)
             torch.cuda.empty_cache()
 
 
