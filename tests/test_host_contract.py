@@ -180,6 +180,16 @@ def test_inside_the_web_ui_the_host_callbacks_and_a_tiny_training_work(tmp_path:
     assert "IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+@needs_webui
+def test_the_web_ui_loads_and_samples_the_demo_model_through_our_yaml(tmp_path: Path) -> None:
+    """The shipped demo model plus the .yaml our `yaml` command writes: the web UI's own loader builds it and its
+    own txt2img (DDIM, CPU) draws what three prompts ask for, as the demo's evaluator scores the pictures."""
+    script = Path(__file__).with_name("a1111_demo_in_host.py")
+    result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
+                            check=False, capture_output=True, text=True, timeout=600)
+    assert "DEMO-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 # ---- a1111.py against the stand-in web UI (runs everywhere; the same checks run inside a real one above) -----
 
 @pytest.fixture
