@@ -20,7 +20,8 @@ checkpoints.mkdir(parents=True)
 os.chdir(webui)
 sys.path.insert(0, str(webui))
 sys.argv = ["webui.py", "--data-dir", str(data), "--no-download-sd-model", "--api-auth", "alice:pw",
-            "--dreambooth-dir", str(data / "db-models")]
+            "--dreambooth-dir", str(data / "db-models"), "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half",
+            "--no-half-vae"]
 
 import torch
 from safetensors.torch import save_file
@@ -102,34 +103,29 @@ assert routes and all(r.dependencies for r in routes), "the API must be mounted 
 tabs = a1111.ui_tabs()
 assert [(title, elem_id) for _, title, elem_id in tabs] == [("DreamBooth", "dreambooth")]
 
-# a real (tiny) training supervised inside the web UI: its checkpoints appear in the web UI's list at once
+# a real training supervised inside the web UI, from the shipped demo model (small, and a shape the web UI's own
+# model code can build): its checkpoints appear in the web UI's list at once
+import shutil
 from importlib import import_module
 
 import numpy as np
 from PIL import Image
 
 TrainConfig = import_module(f"{entry.PACKAGE}.config").TrainConfig
-checkpoint_tensors, save_checkpoint = (getattr(import_module(f"{entry.PACKAGE}.models.export"), n)
-                                       for n in ("checkpoint_tensors", "save_checkpoint"))
-build_tiny_components, write_config_folder = (getattr(import_module(f"{entry.PACKAGE}.models.tiny"), n)
-                                              for n in ("build_tiny_components", "write_config_folder"))
-find_tokenizer_dir, load_clip_tokenizer = (getattr(import_module(f"{entry.PACKAGE}.models.tokenizer"), n)
-                                           for n in ("find_tokenizer_dir", "load_clip_tokenizer"))
+find_tokenizer_dir = import_module(f"{entry.PACKAGE}.models.tokenizer").find_tokenizer_dir
 
 tokenizer_dir = find_tokenizer_dir(None, data / "tokenizer")
-components = build_tiny_components(load_clip_tokenizer(tokenizer_dir), seed=0)
-config_dir = write_config_folder(components, data / "tiny-config")
-save_checkpoint(checkpoints / "tiny.safetensors", checkpoint_tensors(components))
+shutil.copyfile(repo / "dreambooth" / "demo" / "model" / "shapes-sd1.safetensors", checkpoints / "shapes.safetensors")
 photos = data / "photos"
 photos.mkdir()
 for i in range(3):
     Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photos / f"{i}.png")
 host.refresh_checkpoints()
-config = supervisor.create_model("tiny-zwx", "tiny.safetensors")
-config = TrainConfig.from_dict({**config.to_dict(), "model_config_dir": str(config_dir),
-                                "tokenizer_dir": str(tokenizer_dir), "resolution": 64, "max_steps": 4,
-                                "save_every": 2, "device": "cpu", "save_dtype": "fp32", "prior_preservation": False,
-                                "concepts": [{"instance_dir": str(photos), "instance_prompt": "photo of zwx disc"}]})
+config = supervisor.create_model("tiny-zwx", "shapes.safetensors")
+config = TrainConfig.from_dict({**config.to_dict(), "tokenizer_dir": str(tokenizer_dir), "resolution": 64,
+                                "max_steps": 4, "save_every": 2, "device": "cpu", "save_dtype": "fp32",
+                                "prior_preservation": False,
+                                "concepts": [{"instance_dir": str(photos), "instance_prompt": "a zwx shape"}]})
 supervisor.start(config)
 assert not queue_is_free() and supervisor.running_model() == "tiny-zwx"
 assert supervisor.wait(300)
@@ -137,4 +133,17 @@ status = supervisor.status()
 assert status.finished and status.error is None, status
 assert {"tiny-zwx/tiny-zwx_2.safetensors", "tiny-zwx/tiny-zwx_4.safetensors"} <= set(host.checkpoint_titles())
 assert queue_is_free() and shared.state.job == ""
+
+# a saved checkpoint is ready to generate with: the web UI's own loader builds it (through the .yaml saved beside
+# it: the demo model is not SD 1.5-shaped) and its own txt2img draws with it
+from modules import processing
+
+sd_models.load_model(sd_models.get_closet_checkpoint_match("tiny-zwx/tiny-zwx_4.safetensors"))
+assert Path(shared.sd_model.sd_checkpoint_info.filename) == checkpoints / "tiny-zwx" / "tiny-zwx_4.safetensors"
+p = processing.StableDiffusionProcessingTxt2Img(
+    sd_model=shared.sd_model, prompt="a zwx shape", sampler_name="DDIM", steps=3, width=64, height=64,
+    batch_size=1, n_iter=1, seed=1, do_not_save_samples=True, do_not_save_grid=True,
+)
+images = processing.process_images(p).images
+assert images and images[0].size == (64, 64), images
 print("IN-HOST OK")
