@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed
 
 # (queries, keys, head dim, calls per step)
 SHAPES = [
@@ -30,20 +34,6 @@ BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-
-
-def timed(fn, repeat: int) -> float:
-    """Median milliseconds of ``fn`` (synchronised each run) after 3 warm-up runs."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _tensor(rows: int, heads: int, length: int, dim: int, layout: str) -> torch.Tensor:
@@ -78,6 +68,7 @@ def main() -> None:
                 out.backward(grad)
 
             try:
+                timed(step, 3)  # warm-up
                 ms = timed(step, a.repeat)
             except RuntimeError as exc:
                 ms = float("nan")

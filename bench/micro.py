@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,22 +18,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from timing import timed
 
 from dreambooth.train.speed.adamw import FlatAdamW
 from dreambooth.train.speed.flat import FlatParameters
 from dreambooth.train.speed.layout import compile_blocks, graph_denoiser, to_channels_last
-
-
-def timed(fn, repeat: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeat`` runs (each synchronised)."""
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 @contextlib.contextmanager

@@ -15,6 +15,18 @@ from pathlib import Path
 import torch
 
 
+def timed(fn, repeat: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeat`` runs (each synchronised)."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 class StepClock:
     """Records the marks described in the module docstring and writes them as JSON."""
 
