@@ -43,3 +43,13 @@ def test_a_unet_that_cannot_compile_trains_as_usual(make_config, tmp_path, monke
     assert started["compiled_blocks"] == 0
     assert any("could not be compiled (RuntimeError: Compiler: cl is not found.)" in w for w in warnings), warnings
     assert losses == plain_losses
+
+
+def test_a_torch_without_module_compile_trains_as_usual(make_config, tmp_path, monkeypatch):
+    """torch 2.1 (the web UI's pin) has torch.compile but not ``nn.Module.compile``."""
+    plain, plain_losses, _ = _train(make_config, tmp_path / "plain")
+    monkeypatch.delattr(torch.nn.Module, "compile")
+    started, losses, warnings = _train(make_config, tmp_path / "old", compile_unet=True)
+    assert started["compiled_blocks"] == 0
+    assert any("could not be compiled (AttributeError" in w for w in warnings), warnings
+    assert losses == plain_losses

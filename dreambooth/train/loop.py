@@ -257,12 +257,12 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast) -> int:
     """Wrap the UNet's blocks for torch.compile and compile them now, with one forward and backward on a batch
     of this run's shape (gradients to the input only: no weight sees them); returns the blocks compiled, or 0 --
     with a warning, and the UNet as it was -- when the compiler fails (no Triton, no C++ compiler, an unsupported
-    op)."""
-    count = compile_blocks(unet)
+    op, a torch before 2.2 without ``nn.Module.compile``)."""
     example = _example_batch(run, unet, unet_input)
     sample = example["sample"].detach().requires_grad_()
-    run.events.emit("status", message=f"Compiling the UNet ({count} blocks; minutes on a first run)")
+    run.events.emit("status", message="Compiling the UNet (minutes on a first run)")
     try:
+        count = compile_blocks(unet)
         with autocast:
             prediction = unet(sample, example["timesteps"], example["context"]).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
