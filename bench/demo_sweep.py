@@ -3,7 +3,7 @@
     python bench/demo_sweep.py --out OUT --seeds 0 1 2 --parallel 15 \\
         --setting 'cosine=engine_options={"lr_scheduler": "cosine"}' --setting 'base='
 
-Each ``--setting NAME=OVERRIDES`` is a ``;``-separated list of ``FIELD=JSON`` overrides of
+Each ``--setting NAME=OVERRIDES`` is a ``;``-separated list (so no ``;`` inside a value) of ``FIELD=JSON`` overrides of
 :class:`dreambooth.demo.run.DemoSettings` (empty: the defaults). Every (setting, seed) is one process
 (``OMP_NUM_THREADS=1``, ``--parallel`` at a time); the device defaults to CUDA when there is one. Writes each
 process's log (``OUT/logs``), ``results.md`` (one row per setting: fidelity / recontextualisation / leakage per
@@ -38,10 +38,12 @@ def command(out: Path, name: str, overrides: str, seed: int, tokenizer: str, dev
 def scores(log: Path) -> dict | None:
     """The prior-preservation row of a finished demo's JSON line, with the run's seconds; None if it failed."""
     for line in log.read_text().splitlines():
-        if line.startswith("{"):
+        try:
             report = json.loads(line)
             row = next(r for r in report["rows"] if r["model"] == "prior")
             return {**row, "seconds": report["seconds"]}
+        except (ValueError, TypeError, KeyError, StopIteration):  # not the report line
+            continue
     return None
 
 
@@ -59,6 +61,8 @@ def main() -> None:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = dict(item.partition("=")[::2] for item in a.setting)
+    if len(settings) < len(a.setting):
+        parser.error("two --setting share a name")
     (a.out / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     queue = [(name, seed) for name in settings for seed in a.seeds]

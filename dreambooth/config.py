@@ -389,9 +389,10 @@ class TrainConfig:
         False,
         label="Compile the UNet",
         group="Memory and speed",
-        help="Compile the UNet block by block with torch.compile (needs Triton on CUDA, a C++ compiler on the CPU): "
-        "on an H100, +21% steps/s at batch 1 and +27% at batch 16, for 2-4 minutes of compiling before the first "
-        "step, so it pays in long runs only. If compiling fails, the UNet runs as usual and the log says why.",
+        help="Compile the UNet block by block with torch.compile (torch 2.2 or later; Triton on CUDA, a C++ compiler "
+        "on the CPU): on an H100 about a fifth more steps/s at batch 1 and a quarter more at batch 16, for 2-4 "
+        "minutes of compiling before the first step, so it pays in long runs only. If compiling fails, the UNet "
+        "runs as usual and the log says why.",
     )
     log_every: int = option(
         10,

@@ -1,6 +1,7 @@
 """Run by a real web UI's Python (``tests/test_host_contract.py`` when ``SD_WEBUI_DIR`` is set): install the
 extension into a fresh data folder, start the web UI's modules the way webui.py does, and exercise
-``A1111Host``, the callbacks and ``preload.py`` against them. No model is loaded. Prints ``IN-HOST OK``.
+``A1111Host``, the callbacks and ``preload.py`` against them, supervise a short training from the demo model, and
+load a checkpoint it saved into the web UI and generate with it (CPU). Prints ``IN-HOST OK``.
 
 Usage: python a1111_in_host.py <webui dir> <this repository> <empty data dir>
 """

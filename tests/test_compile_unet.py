@@ -20,11 +20,22 @@ def _train(make_config, model_dir, **options) -> tuple[dict, list[float], list[s
     return started, losses, [e["message"] for e in seen if e["event"] == "warning"]
 
 
+def _frames_compiled(make_config, folder, **options) -> tuple[int, dict, list[float], list[str]]:
+    """Train with ``compile_unet`` from an empty dynamo cache; returns how many frames dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    started, losses, warnings = _train(make_config, folder, compile_unet=True, **options)
+    return counters["frames"]["ok"], started, losses, warnings
+
+
 def test_the_compiled_unet_trains_as_the_plain_one(make_config, tmp_path):
     plain, plain_losses, _ = _train(make_config, tmp_path / "plain")
-    compiled, compiled_losses, warnings = _train(make_config, tmp_path / "compiled", compile_unet=True)
+    frames, compiled, compiled_losses, warnings = _frames_compiled(make_config, tmp_path / "compiled")
     assert plain["compiled_blocks"] == 0
     assert compiled["compiled_blocks"] > 0, warnings
+    assert frames >= compiled["compiled_blocks"] // 2  # really compiled: not wrapped and then run eagerly
     assert compiled["compile_s"] > 0
     assert len(compiled_losses) == len(plain_losses) == 3
     assert torch.allclose(torch.tensor(compiled_losses), torch.tensor(plain_losses), rtol=1e-3, atol=1e-5)
@@ -51,5 +62,13 @@ def test_a_torch_without_module_compile_trains_as_usual(make_config, tmp_path, m
     monkeypatch.delattr(torch.nn.Module, "compile")
     started, losses, warnings = _train(make_config, tmp_path / "old", compile_unet=True)
     assert started["compiled_blocks"] == 0
-    assert any("could not be compiled (AttributeError" in w for w in warnings), warnings
+    assert any("compile_unet needs torch 2.2 or later" in w for w in warnings), warnings
     assert losses == plain_losses
+
+
+def test_previews_and_a_trained_text_encoder_compile_nothing_after_the_first_step(make_config, tmp_path):
+    """Compiling happens before step 1, where its time is reported and its failure caught: previews (other
+    shapes, no gradients) run the plain blocks, and the warm-up matches training's text-encoder gradients."""
+    frames, _, _, _ = _frames_compiled(make_config, tmp_path / "a")
+    with_previews, _, _, _ = _frames_compiled(make_config, tmp_path / "b", sample_every=1, train_text_encoder=True)
+    assert with_previews == frames > 0

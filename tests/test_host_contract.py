@@ -352,14 +352,23 @@ def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake, 
     assert len(app.routes) == routes
 
 
-def test_the_extension_and_another_package_named_dreambooth_both_load(fake, entry, tmp_path, monkeypatch) -> None:
+def test_the_extension_and_another_package_named_dreambooth_both_load(
+    fake, entry, tmp_path, monkeypatch, request
+) -> None:
     """d8ahazard's extension is a package named ``dreambooth``; in either load order each keeps its own code."""
     other = tmp_path / "incumbent" / "dreambooth"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("OWNER = 'incumbent'\n")
     (other / "shared.py").write_text("status = 'idle'\n")
-    for name in [n for n in sys.modules if n == "dreambooth" or n.startswith("dreambooth.")]:
+    ours = [n for n in sys.modules if n == "dreambooth" or n.startswith("dreambooth.")]
+    for name in ours:
         monkeypatch.delitem(sys.modules, name)  # this test session's own import of our package, restored after
+
+    def forget_the_stand_in() -> None:  # its modules under names ours did not have (monkeypatch restores ours)
+        for name in [n for n in sys.modules if n.split(".")[0] == "dreambooth" and n not in ours]:
+            del sys.modules[name]
+
+    request.addfinalizer(forget_the_stand_in)
     monkeypatch.syspath_prepend(str(other.parent))
     modules = fake[1]
 

@@ -71,8 +71,8 @@ class LoadedModel:
     """The config folder's files (``CONFIG_FILES`` → JSON) when they differ from the family's stock folder:
     exports carry them in their header, and the web UI needs a ``.yaml`` for them. None for a stock model."""
     stored_dtype: torch.dtype = torch.float32
-    """The precision every weight of the source file had (fp16 for most checkpoints people share): the working
-    copy is kept in it, as nothing finer exists to keep."""
+    """The precision the working copy is written in: fp16 (or bf16) when every weight of a single-file source had
+    it (most checkpoints people share), as nothing finer exists to keep; else fp32 (and for diffusers folders)."""
 
 
 def load_model(
@@ -139,7 +139,8 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
     tensors = read_tensors(path)
     extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIXES + DROPPED_PREFIXES)}
     stored = {v.dtype for k, v in tensors.items() if k.startswith(MODEL_PREFIXES) and v.is_floating_point()}
-    stored_dtype = stored.pop() if len(stored) == 1 and stored < {torch.float16, torch.bfloat16} else torch.float32
+    half = len(stored) == 1 and next(iter(stored)) in (torch.float16, torch.bfloat16)
+    stored_dtype = next(iter(stored)) if half else torch.float32
     readable = path
     if path.suffix.lower() != ".safetensors":
         readable = cache_dir / f"{path.stem}.converting.safetensors"
@@ -350,7 +351,8 @@ def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
     working_dir.mkdir(parents=True, exist_ok=True)
     c = loaded.components
     for model, name in ((c.unet, "unet"), (c.vae, "vae"), (c.text_encoder, "text_encoder")):
-        model.to(loaded.stored_dtype)  # exact: the weights came from tensors of this precision
+        model.to(loaded.stored_dtype)  # exact: the weights came from tensors of this precision (SD 1.x models'
+        # only buffer is the text encoder's int64 position_ids, which .to() leaves alone)
         model.save_pretrained(str(working_dir / name))
     c.scheduler.save_pretrained(str(working_dir / "scheduler"))
     c.tokenizer.save_pretrained(str(working_dir / "tokenizer"))

@@ -22,7 +22,7 @@ from ..data.dataset import DataOrder, Example
 from ..events import Events
 from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
-from .speed.layout import compile_blocks, graph_denoiser, to_channels_last, uncompile_blocks
+from .speed.layout import blocks_uncompiled, compile_blocks, graph_denoiser, to_channels_last, uncompile_blocks
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
 from .state import latest_snapshot, restore_snapshot, save_snapshot
@@ -116,9 +116,9 @@ def train(run: Run) -> RunResult:
     autocast = (
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     )
-    compiling = time.perf_counter()
-    compiled_blocks = _compile_unet(run, unet, unet_input, autocast) if cfg.compile_unet else 0
-    compile_s = time.perf_counter() - compiling if compiled_blocks else 0.0
+    compile_start = time.perf_counter()
+    compiled_blocks = _compile_unet(run, unet, unet_input, autocast, train_te) if cfg.compile_unet else 0
+    compile_s = time.perf_counter() - compile_start if cfg.compile_unet else 0.0
     graphed = _graph_kind(run, train_te, weights_dtype, updater)
     step_graph: StepGraph | None = None
     if graphed:
@@ -220,7 +220,9 @@ def train(run: Run) -> RunResult:
         if save:
             outcome.checkpoints.append(run.save_checkpoint(step))
         if sample:
-            run.events.emit("sample", step=step, paths=[str(p) for p in run.render_samples(step)])
+            with blocks_uncompiled(unet):  # previews run other shapes: no minutes of compiling for them
+                paths = run.render_samples(step)
+            run.events.emit("sample", step=step, paths=[str(p) for p in paths])
         if snapshot_now:
             path = save_snapshot(
                 run.state_dir, step, models, updater.state_dict(), order.state(), run.fingerprint, cfg.keep_states
@@ -253,18 +255,23 @@ def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: U
     return None if cfg.gradient_checkpointing else "denoiser"
 
 
-def _compile_unet(run: Run, unet, unet_input: dict, autocast) -> int:
+def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) -> int:
     """Wrap the UNet's blocks for torch.compile and compile them now, with one forward and backward on a batch
     of this run's shape (gradients to the input only: no weight sees them); returns the blocks compiled, or 0 --
     with a warning, and the UNet as it was -- when the compiler fails (no Triton, no C++ compiler, an unsupported
-    op, a torch before 2.2 without ``nn.Module.compile``)."""
+    op, a torch before 2.2)."""
+    if not hasattr(torch.nn.Module, "compile"):
+        run.events.emit("warning", message=f"compile_unet needs torch 2.2 or later (this is {torch.__version__}); "
+                        "the UNet runs as usual.")
+        return 0
     example = _example_batch(run, unet, unet_input)
     sample = example["sample"].detach().requires_grad_()
+    context = example["context"].detach().requires_grad_(train_te)  # as in training, or a step would recompile
     run.events.emit("status", message="Compiling the UNet (minutes on a first run)")
     try:
         count = compile_blocks(unet)
         with autocast:
-            prediction = unet(sample, example["timesteps"], example["context"]).sample
+            prediction = unet(sample, example["timesteps"], context).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
     except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
         uncompile_blocks(unet)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -68,16 +70,33 @@ def compile_blocks(
     return count
 
 
-def uncompile_blocks(module: torch.nn.Module) -> None:
-    """Undo :func:`compile_blocks`: every block runs its plain forward again."""
+def uncompile_blocks(module: torch.nn.Module) -> dict[torch.nn.Module, object]:
+    """Undo :func:`compile_blocks`: every block runs its plain forward again; returns what was undone.
+
+    ``nn.Module.compile`` keeps the compiled callable in ``_compiled_call_impl`` (torch 2.2 to 2.13 checked)."""
+    undone = {}
     for child in module.modules():
         if getattr(child, "_compiled_call_impl", None) is not None:
+            undone[child] = child._compiled_call_impl
             child._compiled_call_impl = None
+    return undone
+
+
+@contextlib.contextmanager
+def blocks_uncompiled(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, compiled blocks run their plain forward (calls of other shapes compile nothing); after, compiled."""
+    undone = uncompile_blocks(module)
+    try:
+        yield
+    finally:
+        for child, compiled in undone.items():
+            child._compiled_call_impl = compiled
 
 
 def _allow_recompiles(count: int) -> None:
     """Blocks of one class share a code object, and each shape among them is its own compiled graph: past
-    dynamo's recompile limit (8) the rest would silently run eagerly, so raise it to one per block."""
+    dynamo's recompile limit (8) the rest would silently run eagerly, so raise it to one per block. The limit is
+    process-wide; training runs in its own process."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, name, count) < count:
