@@ -98,6 +98,23 @@ def test_an_fp16_source_keeps_an_fp16_working_copy_that_loads_to_the_same_fp32_m
     assert all(torch.equal(a[k], half[k].float()) for k in a if k in half)  # nothing lost on the way
 
 
+def test_each_part_keeps_its_own_precision_and_position_ids_do_not_count(tmp_path, tiny):
+    """A common mix: fp16 UNet and text encoder, a baked-in fp32 VAE, position_ids stored as floats."""
+    tensors = read_tensors(tiny.path)
+    mixed = {k: v.half() if v.is_floating_point() and not k.startswith("first_stage_model.") else v
+             for k, v in tensors.items()}
+    position_ids = next(k for k in mixed if k.endswith("position_ids"))
+    mixed[position_ids] = mixed[position_ids].float()
+    source = save_checkpoint(tmp_path / "mixed.safetensors", mixed)
+    load_model(source, tmp_path / "w", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    stored = {}
+    for part in ("unet", "vae", "text_encoder"):
+        folder = tmp_path / "w" / part
+        values = read_tensors(next(folder.glob("*.safetensors"), None) or next(folder.glob("*.bin")))
+        stored[part] = {v.dtype for k, v in values.items() if v.is_floating_point() and "position_ids" not in k}
+    assert stored == {"unet": {torch.float16}, "vae": {torch.float32}, "text_encoder": {torch.float16}}
+
+
 def test_safetensors_header_carries_modelspec_and_training_summary(tmp_path, tiny):
     meta = modelspec("sd1", "epsilon", 512, "zwx (step 10)", {"step": 10, "instance_prompts": ["photo of zwx"]})
     path = save_checkpoint(tmp_path / "m.safetensors", checkpoint_tensors(tiny.components), meta)

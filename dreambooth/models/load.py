@@ -35,6 +35,7 @@ DROPPED_PREFIXES = ("model_ema.",)
 """Keys never carried over: the EMA copy of the untrained UNet would shadow the trained weights in loaders that
 prefer EMA weights, and it doubles the file."""
 MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+COMPONENT_PREFIXES = dict(zip(("unet", "vae", "text_encoder"), MODEL_PREFIXES))
 CONFIG_FILES = (
     "model_index.json",
     "unet/config.json",
@@ -70,9 +71,10 @@ class LoadedModel:
     diffusers_config: dict[str, dict] | None = None
     """The config folder's files (``CONFIG_FILES`` → JSON) when they differ from the family's stock folder:
     exports carry them in their header, and the web UI needs a ``.yaml`` for them. None for a stock model."""
-    stored_dtype: torch.dtype = torch.float32
-    """The precision the working copy is written in: fp16 (or bf16) when every weight of a single-file source had
-    it (most checkpoints people share), as nothing finer exists to keep; else fp32 (and for diffusers folders)."""
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    """Per component ('unet', 'vae', 'text_encoder'), the precision its working copy is written in: fp16 (or bf16)
+    when every weight of it in a single-file source had it (most checkpoints people share), as nothing finer
+    exists to keep; fp32 when absent (mixed or fp32 weights, diffusers folders)."""
 
 
 def load_model(
@@ -138,9 +140,7 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
     tokenizer = load_clip_tokenizer(find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer"))
     tensors = read_tensors(path)
     extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIXES + DROPPED_PREFIXES)}
-    stored = {v.dtype for k, v in tensors.items() if k.startswith(MODEL_PREFIXES) and v.is_floating_point()}
-    half = len(stored) == 1 and next(iter(stored)) in (torch.float16, torch.bfloat16)
-    stored_dtype = next(iter(stored)) if half else torch.float32
+    stored_dtypes = _half_precision_components(tensors)
     readable = path
     if path.suffix.lower() != ".safetensors":
         readable = cache_dir / f"{path.stem}.converting.safetensors"
@@ -165,8 +165,23 @@ def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_di
         source_id="",
         extra_tensors=extra,
         diffusers_config=_unless_stock(read_config_folder(config_folder), family),
-        stored_dtype=stored_dtype,
+        stored_dtypes=stored_dtypes,
     )
+
+
+def _half_precision_components(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
+    """The components whose weights are all fp16, or all bf16, in a single file: component → that dtype. The text
+    encoder's ``position_ids`` (indices, stored as floats in some files) are not weights and do not count."""
+    found = {}
+    for name, prefix in COMPONENT_PREFIXES.items():
+        dtypes = {
+            value.dtype
+            for key, value in tensors.items()
+            if key.startswith(prefix) and value.is_floating_point() and not key.endswith("position_ids")
+        }
+        if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16):
+            found[name] = next(iter(dtypes))
+    return found
 
 
 def _from_single_file(path: Path, config_folder: Path, tokenizer) -> Components:
@@ -351,8 +366,9 @@ def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
     working_dir.mkdir(parents=True, exist_ok=True)
     c = loaded.components
     for model, name in ((c.unet, "unet"), (c.vae, "vae"), (c.text_encoder, "text_encoder")):
-        model.to(loaded.stored_dtype)  # exact: the weights came from tensors of this precision (SD 1.x models'
-        # only buffer is the text encoder's int64 position_ids, which .to() leaves alone)
+        # exact: the weights came from tensors of this precision (SD 1.x models' only buffer is the text
+        # encoder's int64 position_ids, which .to() leaves alone)
+        model.to(loaded.stored_dtypes.get(name, torch.float32))
         model.save_pretrained(str(working_dir / name))
     c.scheduler.save_pretrained(str(working_dir / "scheduler"))
     c.tokenizer.save_pretrained(str(working_dir / "tokenizer"))
