@@ -1,7 +1,9 @@
 """Run by a real web UI's Python (``tests/test_host_contract.py`` when ``SD_WEBUI_DIR`` is set): the shipped demo
 model and the ``.yaml`` our ``yaml`` command writes for it, loaded by the web UI's own loader and sampled by its own
-txt2img on the CPU; the demo's evaluator (pixel statistics, no learned weights) scores the pictures. Prints one
-JSON line of scores, then ``DEMO-IN-HOST OK``.
+txt2img on the CPU; the demo's evaluator (pixel statistics, no learned weights) scores the pictures. Then the
+demo's DreamBooth training (default settings, a few minutes on the CPU) saves into the web UI's checkpoint folder,
+and the web UI loads the trained file and draws the subject with it. Prints JSON lines of scores, then
+``DEMO-IN-HOST OK``.
 
 Usage: python a1111_demo_in_host.py <webui dir> <this repository> <empty data dir>
 """
@@ -70,4 +72,28 @@ for prompt, (shape, colour, background) in PROMPTS.items():
 print(json.dumps(scores))
 for prompt, score in scores.items():
     assert min(score.values()) >= 0.5, (prompt, score)
+
+# the demo's DreamBooth run (default settings, prior preservation, CPU) saving into the web UI's checkpoint folder,
+# then the web UI's own loader and txt2img on the trained file: "a zwx shape" draws the subject
+demo = import_module(f"{package}.demo.run")
+engine = import_module(f"{package}.engine")
+Events = import_module(f"{package}.events").Events
+instance_dir = demo.write_instance_images(data / "zwx", seed=0, captions=False)
+config = demo.demo_config("shapes-zwx", instance_dir, checkpoint, demo.DEMO_CONFIG_DIR, demo.settings(quick=False),
+                          prior=True, seed=0)
+config.output_dir = str(checkpoints / "shapes-zwx")
+trained = engine.run(config, data / "dreambooth" / "shapes-zwx", Events()).checkpoints[-1]
+assert trained.with_suffix(".yaml").is_file(), "the engine writes the yaml beside each checkpoint"
+sd_models.list_models()
+sd_models.load_model(sd_models.get_closet_checkpoint_match(f"shapes-zwx/{trained.name}"))
+assert Path(shared.sd_model.sd_checkpoint_info.filename) == trained
+p = processing.StableDiffusionProcessingTxt2Img(
+    sd_model=shared.sd_model, prompt=demo.INSTANCE_PROMPT, negative_prompt="", sampler_name="DDIM", steps=15,
+    cfg_scale=5.0, width=64, height=64, batch_size=8, n_iter=1, seed=1, do_not_save_samples=True,
+    do_not_save_grid=True,
+)
+pictures = np.stack([np.asarray(image.convert("RGB")) for image in processing.process_images(p).images[:8]])
+subject = sum(v.is_subject for v in judge_batch(pictures)) / 8
+print(json.dumps({"trained": trained.name, "subject fidelity in the web UI": subject}))
+assert subject >= 0.5, subject
 print("DEMO-IN-HOST OK")
