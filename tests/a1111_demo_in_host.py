@@ -50,6 +50,17 @@ assert info is not None, sd_models.checkpoint_tiles()
 sd_models.load_model(info)
 assert shared.sd_model is not None and Path(shared.sd_model.sd_checkpoint_info.filename) == checkpoint
 
+
+
+def draw(prompt: str, count: int = 8) -> np.ndarray:
+    """``count`` pictures of ``prompt`` from the web UI's own txt2img (DDIM, 15 steps, 64x64), as uint8 RGB."""
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompt, negative_prompt="", sampler_name="DDIM", steps=15, cfg_scale=5.0,
+        width=64, height=64, batch_size=count, n_iter=1, seed=1, do_not_save_samples=True, do_not_save_grid=True,
+    )
+    return np.stack([np.asarray(image.convert("RGB")) for image in processing.process_images(p).images[:count]])
+
+
 PROMPTS = {  # prompt -> (shape, colour, background) the picture must show
     "a red circle on a blue background": ("circle", "red", "blue"),
     "a yellow square on a black background": ("square", "yellow", "black"),
@@ -57,13 +68,7 @@ PROMPTS = {  # prompt -> (shape, colour, background) the picture must show
 }
 scores = {}
 for prompt, (shape, colour, background) in PROMPTS.items():
-    p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=prompt, negative_prompt="", sampler_name="DDIM", steps=15, cfg_scale=5.0,
-        width=64, height=64, batch_size=8, n_iter=1, seed=1, do_not_save_samples=True, do_not_save_grid=True,
-    )
-    result = processing.process_images(p)
-    pictures = np.stack([np.asarray(image.convert("RGB")) for image in result.images[:8]])
-    verdicts = judge_batch(pictures)
+    verdicts = judge_batch(draw(prompt))
     scores[prompt] = {
         "shape": sum(v.shape == shape for v in verdicts) / len(verdicts),
         "colour": sum(v.colour == colour for v in verdicts) / len(verdicts),
@@ -87,13 +92,7 @@ assert trained.with_suffix(".yaml").is_file(), "the engine writes the yaml besid
 sd_models.list_models()
 sd_models.load_model(sd_models.get_closet_checkpoint_match(f"shapes-zwx/{trained.name}"))
 assert Path(shared.sd_model.sd_checkpoint_info.filename) == trained
-p = processing.StableDiffusionProcessingTxt2Img(
-    sd_model=shared.sd_model, prompt=demo.INSTANCE_PROMPT, negative_prompt="", sampler_name="DDIM", steps=15,
-    cfg_scale=5.0, width=64, height=64, batch_size=8, n_iter=1, seed=1, do_not_save_samples=True,
-    do_not_save_grid=True,
-)
-pictures = np.stack([np.asarray(image.convert("RGB")) for image in processing.process_images(p).images[:8]])
-subject = sum(v.is_subject for v in judge_batch(pictures)) / 8
+subject = sum(v.is_subject for v in judge_batch(draw(demo.INSTANCE_PROMPT))) / 8
 print(json.dumps({"trained": trained.name, "subject fidelity in the web UI": subject}))
 assert subject >= 0.5, subject
 print("DEMO-IN-HOST OK")

@@ -27,6 +27,7 @@ from ..errors import ModelFormatError
 from ..fileio import write_atomic
 from .components import Components
 from .export import CONFIG_METADATA_KEY
+from .layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .read import SINGLE_FILE_SUFFIXES, detect_family, fingerprint, read_keys, read_tensors
 from .tokenizer import find_tokenizer_dir, load_clip_tokenizer
 
@@ -35,7 +36,7 @@ DROPPED_PREFIXES = ("model_ema.",)
 """Keys never carried over: the EMA copy of the untrained UNet would shadow the trained weights in loaders that
 prefer EMA weights, and it doubles the file."""
 MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
-COMPONENT_PREFIXES = dict(zip(("unet", "vae", "text_encoder"), MODEL_PREFIXES))
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
 CONFIG_FILES = (
     "model_index.json",
     "unet/config.json",
