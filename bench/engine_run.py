@@ -69,6 +69,7 @@ ENGINE_MODES = {
     "speed-b16-compiled-nchw": {"batch_size": 16, **SPEED, "compile_unet": True, "channels_last": False},
     "speed-b24-compiled": {"batch_size": 24, **SPEED, "compile_unet": True},
     "speed-b32-compiled": {"batch_size": 32, **SPEED, "compile_unet": True},
+    "speed-b32-compiled-nchw": {"batch_size": 32, **SPEED, "compile_unet": True, "channels_last": False},
     "lowmem-b1": {"batch_size": 1, **LOW_MEMORY},
     "lowmem-b1-compiled": {"batch_size": 1, **LOW_MEMORY, "compile_unet": True},
     "plain-b1": {"batch_size": 1, "mixed_precision": "bf16"},

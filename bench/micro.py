@@ -3,7 +3,7 @@
 block by block, compiled whole) and one optimizer step over all 859.5 M UNet weights (each optimizer variant).
 
     python bench/micro.py --model /tmp/dreambooth-bench/sd15 [--batches 1 8] [--unet eager blocks full] [--optim]
-        [--cudnn-first] [--profile]
+        [--cudnn-first] [--cudnn-benchmark] [--profile]
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--optim", action="store_true")
     ap.add_argument("--cudnn-first", action="store_true", help="SDPA tries cuDNN's attention first")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms first")
     ap.add_argument("--profile", action="store_true", help="print the UNet step's 15 costliest GPU kernels")
     a = ap.parse_args()
     with cudnn_first(a.cudnn_first):
@@ -173,6 +174,7 @@ def run_cases(a: argparse.Namespace) -> None:
     """The optimizer and UNet cases of the command line."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     if a.optim:
         optim_cases(a.model)
     for batch in a.batches:
