@@ -152,7 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _yaml(args: argparse.Namespace) -> int:
     from .errors import ModelFormatError
-    from .models.host_yaml import write_host_yaml
+    from .models.host_yaml import web_ui_cannot_build, write_host_yaml
     from .models.load import embedded_config
 
     configs = embedded_config(args.checkpoint)
@@ -161,6 +161,13 @@ def _yaml(args: argparse.Namespace) -> int:
             f"{args.checkpoint} carries no model configs in its header, so it has the stock SD 1.x shape (or is a "
             ".ckpt) and the web UI needs no .yaml for it.",
             "Only checkpoints of an unusual shape (the demo model, and what is trained from it) need one.",
+        )
+    problems = web_ui_cannot_build(configs)
+    if problems:
+        raise ModelFormatError(
+            f"The web UI cannot build {args.checkpoint.name}: {'; '.join(problems)}. A .yaml would not change that.",
+            "Use it with diffusers or this extension; for the web UI, train from an SD 1.x checkpoint or the demo "
+            "model.",
         )
     print(write_host_yaml(args.checkpoint, configs, tokenizer_dir=args.tokenizer_dir))
     return 0

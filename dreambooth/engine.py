@@ -291,7 +291,7 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     """Write the checkpoint of ``step``; a model of non-stock shape gets its configs in the header and, first
     (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from."""
     from .models.export import config_metadata
-    from .models.host_yaml import write_host_yaml
+    from .models.host_yaml import web_ui_cannot_build, write_host_yaml
 
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
     tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])
@@ -317,7 +317,12 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     metadata.update(config_metadata(loaded.diffusers_config))
     yaml_existed = path.with_suffix(".yaml").exists()
     if loaded.diffusers_config is not None and loaded.family == "sd1":
-        write_host_yaml(path, loaded.diffusers_config, tokenizer_dir=config.tokenizer_dir)
+        problems = web_ui_cannot_build(loaded.diffusers_config)
+        if problems:
+            events.emit("warning", message=f"{path.name} gets no .yaml: the web UI cannot build this model, because "
+                        f"{'; '.join(problems)}. Diffusers and this extension load it.")
+        else:
+            write_host_yaml(path, loaded.diffusers_config, tokenizer_dir=config.tokenizer_dir)
     try:
         save_checkpoint(path, tensors, metadata)
     except BaseException:

@@ -147,3 +147,16 @@ def test_yaml_refuses_a_stock_shaped_checkpoint(tmp_path):
     done = _cli("yaml", plain)
     assert done.returncode == 1 and "needs no .yaml" in done.stderr
     assert not plain.with_suffix(".yaml").exists()
+
+
+def test_yaml_refuses_a_shape_the_web_ui_cannot_build(tmp_path, tiny):
+    """The tiny model's 8 normalisation groups: no yaml can make the web UI's code (32 groups) build it."""
+    from dreambooth.models.export import config_metadata, save_checkpoint
+    from dreambooth.models.load import read_config_folder
+    from dreambooth.models.read import read_tensors
+
+    placed = save_checkpoint(tmp_path / "tiny.safetensors", read_tensors(tiny.path),
+                             config_metadata(read_config_folder(tiny.config_dir)))
+    done = _cli("yaml", placed)
+    assert done.returncode == 1 and "normalises in 8 groups" in done.stderr, done.stderr
+    assert not placed.with_suffix(".yaml").exists()

@@ -22,7 +22,7 @@ from dreambooth.engine import _save, run
 from dreambooth.errors import ModelFormatError
 from dreambooth.events import Events
 from dreambooth.models.export import CONFIG_METADATA_KEY, checkpoint_tensors, save_checkpoint
-from dreambooth.models.host_yaml import TEXT_ENCODER_FOLDER
+from dreambooth.models.host_yaml import TEXT_ENCODER_FOLDER, web_ui_cannot_build
 from dreambooth.models.load import (
     CONFIGS_DIR,
     LoadedModel,
@@ -132,7 +132,7 @@ def test_a_stock_model_gets_no_config_key_and_no_yaml(make_config, tiny, tmp_pat
         components=tiny.components,
         family="sd1",
         source_id="s",
-        diffusers_config=read_config_folder(tiny.config_dir),
+        diffusers_config=_web_ui_buildable(tiny.config_dir),
     )
     path = _save(config, shaped, tmp_path / "tiny", 1, Events())
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [
@@ -140,8 +140,48 @@ def test_a_stock_model_gets_no_config_key_and_no_yaml(make_config, tiny, tmp_pat
         "zwx_1.safetensors",
         "zwx_1.yaml",
     ]
+    assert CONFIG_METADATA_KEY in _header(path)
+
+
+def test_a_shape_the_web_ui_cannot_build_gets_its_configs_but_no_yaml_and_a_warning(make_config, tiny, tmp_path):
+    """The tiny model normalises in 8 groups; the web UI's LDM code has 32 built in, so a yaml would only move the
+    failure into the web UI's loader ("num_channels must be divisible by num_groups")."""
+    config = make_config()
+    seen = []
+    shaped = LoadedModel(tiny.components, "sd1", "s", diffusers_config=read_config_folder(tiny.config_dir))
+    path = _save(config, shaped, tmp_path / "tiny", 1, Events(on_event=seen.append))
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["zwx_1.safetensors"]
+    warnings = [e["message"] for e in seen if e["event"] == "warning"]
+    assert len(warnings) == 1 and "normalises in 8 groups" in warnings[0] and "zwx_1.safetensors" in warnings[0]
     loaded = load_model(path, tmp_path / "w", tmp_path / "c", config.tokenizer_dir, config_dir="")
     assert _same_tensors(loaded, path)
+
+
+def test_what_the_web_ui_cannot_build_is_named_and_the_demo_model_has_none(tiny):
+    assert web_ui_cannot_build(DEMO_CONFIG_DIR) == []
+    assert web_ui_cannot_build(_web_ui_buildable(tiny.config_dir)) == []
+    configs = read_config_folder(DEMO_CONFIG_DIR)
+    for key, value, named in [
+        ("norm_num_groups", 16, "UNet normalises in 16 groups"),
+        ("attention_head_dim", [5, 10, 20, 20], "head counts differ"),
+        ("transformer_layers_per_block", 2, "2 transformer layers"),
+        ("use_linear_projection", True, "project linearly"),
+    ]:
+        changed = copy.deepcopy(configs)
+        changed["unet/config.json"][key] = value
+        assert [p for p in web_ui_cannot_build(changed) if named in p], key
+    changed = copy.deepcopy(configs)
+    changed["vae/config.json"]["norm_num_groups"] = 8
+    assert web_ui_cannot_build(changed) == ["its VAE normalises in 8 groups (the web UI's code always uses 32)"]
+
+
+def _web_ui_buildable(config_dir: Path) -> dict:
+    """The tiny model's configs with 32 normalisation groups: a shape the web UI could build (the tensors saved
+    beside them stay the tiny model's; only which files appear is tested)."""
+    configs = read_config_folder(config_dir)
+    for name in ("unet/config.json", "vae/config.json"):
+        configs[name]["norm_num_groups"] = 32
+    return configs
 
 
 def test_the_yaml_is_in_place_before_the_checkpoint_and_gone_if_the_checkpoint_fails(
@@ -150,7 +190,7 @@ def test_the_yaml_is_in_place_before_the_checkpoint_and_gone_if_the_checkpoint_f
     import safetensors.torch
 
     config = make_config()
-    shaped = LoadedModel(tiny.components, "sd1", "s", diffusers_config=read_config_folder(tiny.config_dir))
+    shaped = LoadedModel(tiny.components, "sd1", "s", diffusers_config=_web_ui_buildable(tiny.config_dir))
     output = tmp_path / "out"
     seen_when_writing = []
 

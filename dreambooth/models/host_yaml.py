@@ -121,6 +121,31 @@ def ldm_yaml(config_dir: Path | Configs, text_encoder_dir: Path) -> str:
     )
 
 
+WEB_UI_NORM_GROUPS = 32
+"""The group count of every GroupNorm in the web UI's LDM code (``GroupNorm32``, ``Normalize``): not in the yaml."""
+
+
+def web_ui_cannot_build(config_dir: Path | Configs) -> list[str]:
+    """What in these configs the web UI's SD 1.x code (the LDM classes a yaml names) has no setting for; empty when
+    :func:`ldm_yaml` describes the model exactly. A yaml written anyway would fail inside the web UI's loader."""
+    configs = _configs(config_dir)
+    unet, vae = configs["unet/config.json"], configs["vae/config.json"]
+    problems = [
+        f"its {part} normalises in {groups} groups (the web UI's code always uses {WEB_UI_NORM_GROUPS})"
+        for part, groups in (("UNet", unet.get("norm_num_groups", 32)), ("VAE", vae.get("norm_num_groups", 32)))
+        if groups != WEB_UI_NORM_GROUPS
+    ]
+    heads = unet.get("attention_head_dim", 8)
+    if isinstance(heads, (list, tuple)) and len(set(heads)) > 1:
+        problems.append(f"its attention head counts differ by block ({list(heads)}; the yaml has one count)")
+    depth = unet.get("transformer_layers_per_block", 1)
+    if any(d != 1 for d in (depth if isinstance(depth, (list, tuple)) else [depth])):
+        problems.append(f"it stacks {depth} transformer layers per block (SD 1.x: 1)")
+    if unet.get("use_linear_projection"):
+        problems.append("its transformers project linearly (SD 2.x style; the SD 1.x yaml projects by convolution)")
+    return problems
+
+
 def write_host_yaml(
     checkpoint: Path, config_dir: Path | Configs, text_encoder_dir: Path | None = None, tokenizer_dir: str = ""
 ) -> Path:
