@@ -28,6 +28,15 @@ MODES = {
                "gradient_checkpointing": True, "optimizer_in_backward": True, "compile_optimizer": True,
                "log_every": 10},
 }
+# The low-memory mode with one of its differences from fp32 at a time (which one moves the loss?)
+ABLATIONS = {
+    "fp32-noclip": {**MODES["fp32"], "max_grad_norm": 0.0},
+    "lowmem-adamw": {**MODES["lowmem"], "optimizer": "adamw"},
+    "lowmem-clipped": {**MODES["lowmem"], "optimizer_in_backward": False},
+    "lowmem-nockpt": {**MODES["lowmem"], "gradient_checkpointing": False},
+    "bf16-only": {**MODES["fp32"], "mixed_precision": "bf16", "weights_dtype": "bf16"},
+}
+MODES.update(ABLATIONS)
 LOSS_TOLERANCE = 0.10
 SCORE_TOLERANCE = 0.15
 
@@ -43,7 +52,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["fp32", "speed", "lowmem"], choices=list(MODES))
     parser.add_argument("--tokenizer", default=str(HERE.parent / "build" / "tokenizer"))
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
