@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -96,6 +97,30 @@ def test_an_fp16_source_keeps_an_fp16_working_copy_that_loads_to_the_same_fp32_m
     a, b = checkpoint_tensors(fresh.components), checkpoint_tensors(reused.components)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(a[k], half[k].float()) for k in a if k in half)  # nothing lost on the way
+
+
+def test_a_working_copy_of_an_older_format_is_rebuilt_once(tmp_path, tiny):
+    """Versions before per-part precision wrote every working copy in fp32; such a copy of an fp16 source is
+    rebuilt (half the disk) rather than reused for ever."""
+    tensors = read_tensors(tiny.path)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    source = save_checkpoint(tmp_path / "tiny-fp16.safetensors", half)
+    load_model(source, tmp_path / "w", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    stamp_path = tmp_path / "w" / "source.json"
+    new_bytes = _working_bytes(tmp_path / "w")
+    stamp = json.loads(stamp_path.read_text())
+    del stamp["working_format"]  # what an older version left: fp32 parts and no format in the stamp
+    load_model(tiny.path, tmp_path / "old", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    old_copy = tmp_path / "w-old"
+    shutil.copytree(tmp_path / "old", old_copy)
+    (old_copy / "source.json").write_text(json.dumps(stamp))
+    old_bytes = _working_bytes(old_copy)
+    assert old_bytes > 1.8 * new_bytes
+    reloaded = load_model(source, old_copy, tmp_path / "cache", config_dir=str(tiny.config_dir))
+    assert _working_bytes(old_copy) < 0.55 * old_bytes
+    assert json.loads((old_copy / "source.json").read_text()) == json.loads(stamp_path.read_text())
+    a = checkpoint_tensors(reloaded.components)
+    assert all(torch.equal(a[k], half[k].float()) for k in a if k in half)
 
 
 def test_each_part_keeps_its_own_precision_and_position_ids_do_not_count(tmp_path, tiny):

@@ -91,7 +91,8 @@ def load_model(
     source_id = fingerprint(source)
     stamp = working_dir / "source.json"
     stamped = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if stamped.get("source_id") == source_id and "diffusers_config" in stamped:
+    if (stamped.get("source_id") == source_id and "diffusers_config" in stamped
+            and stamped.get("working_format") == WORKING_FORMAT):
         loaded = _load_diffusers_folder(working_dir, cache_dir, tokenizer_dir)
         extra_path = working_dir / "extra_tensors.safetensors"
         if extra_path.is_file():
@@ -359,6 +360,11 @@ def _with_defaults(cls: type, config: Mapping) -> dict:
     return json.loads(json.dumps(full, default=str))
 
 
+WORKING_FORMAT = 2
+"""How ``working/`` is written; a copy stamped with another (or none: 1, all fp32) is rebuilt from the source once.
+2: each part in the precision the source stores it in."""
+
+
 def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
     """Write the diffusers copy, then the stamp last, so a half-written copy is never reused."""
     (working_dir / "source.json").unlink(missing_ok=True)
@@ -375,9 +381,8 @@ def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
     c.tokenizer.save_pretrained(str(working_dir / "tokenizer"))
     if loaded.extra_tensors:
         _save_safetensors(loaded.extra_tensors, working_dir / "extra_tensors.safetensors")
-    stamp = json.dumps(
-        {"source_id": loaded.source_id, "family": loaded.family, "diffusers_config": loaded.diffusers_config}
-    )
+    stamp = json.dumps({"source_id": loaded.source_id, "family": loaded.family,
+                        "diffusers_config": loaded.diffusers_config, "working_format": WORKING_FORMAT})
     write_atomic(working_dir / "source.json", lambda p: p.write_text(stamp))
 
 
