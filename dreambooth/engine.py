@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -28,6 +29,7 @@ from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_chec
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train
+from .train.parallel import from_environment, leave_process_group
 from .train.speed.step_graph import enable_checkpointing
 
 T = TypeVar("T")
@@ -65,12 +67,24 @@ def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         raise full from exc
     finally:
         (model_dir / CANCEL_FILE).unlink(missing_ok=True)
+        leave_process_group()
 
 
 def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
+    device = resolve_device(config.device)
+    parallel = from_environment(device.type)
+    if parallel.active:
+        device = torch.device(device.type, parallel.local_rank) if device.type == "cuda" else device
+        if config.optimizer_in_backward:
+            raise ConfigError(
+                f"optimizer_in_backward cannot run on {parallel.world} processes: it updates each part of the UNet "
+                "during the backward pass, before the other processes' gradients exist to be averaged.",
+                "Turn optimizer_in_backward off for data-parallel training (8-bit AdamW still saves memory).",
+            )
+        if not parallel.is_main:
+            events = Events(on_event=_errors_to_stderr)  # process 0 reports for all
     for warning in validate_for_training(config):
         events.emit("warning", message=warning)
-    device = resolve_device(config.device)
     weights_dtype = resolve_weights_dtype(config, device)
     autocast_dtype = None if weights_dtype == torch.bfloat16 else resolve_precision(config.mixed_precision, device)
     cancel_file = model_dir / CANCEL_FILE
@@ -80,6 +94,8 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     instance = [e for concept in config.concepts for e in instance_examples(concept)]
     check_images([e.path for e in instance], min_side)
 
+    if not parallel.is_main:
+        parallel.barrier()  # process 0 first writes the shared files below (working copy, class images, caches)
     events.emit("status", message=f"Loading {config.source_checkpoint}")
     loaded = load_model(
         config.source_checkpoint,
@@ -120,6 +136,8 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         flips,
         lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
     )
+    if parallel.is_main:
+        parallel.barrier()  # the shared files are written: the other processes may read them
     if config.cache_latents and not config.center_crop:
         events.emit("warning", message="Random crops change every step, so latents are not cached.")
     prompts = PromptEmbeddings(
@@ -157,6 +175,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
             save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
             render_samples=lambda step: helpers.lent(lambda: _samples(config, loaded, model_dir, step)),
             cancel_requested=cancel_file.exists,
+            parallel=parallel,
         )
     )
     events.emit(
@@ -199,6 +218,12 @@ def total_steps(config: TrainConfig, num_instance: int) -> int:
         per_step = config.batch_size * config.gradient_accumulation
         return max(1, math.ceil(config.epochs * num_instance / per_step))
     return config.max_steps
+
+
+def _errors_to_stderr(event: dict) -> None:
+    """What a process other than 0 says: only its errors (process 0 reports the run)."""
+    if event["event"] == "error":
+        print(f"error: {event['message']} {event.get('advice', '')}", file=sys.stderr, flush=True)
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -22,6 +22,7 @@ from ..data.dataset import DataOrder, Example
 from ..events import Events
 from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
+from .parallel import Parallel
 from .speed.layout import blocks_uncompiled, compile_blocks, graph_denoiser, to_channels_last, uncompile_blocks
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
@@ -49,6 +50,8 @@ class Run:
     save_checkpoint: Callable[[int], Path]
     render_samples: Callable[[int], list[Path]]
     cancel_requested: Callable[[], bool]
+    parallel: Parallel = field(default_factory=Parallel)
+    """This process's share of a data-parallel run (one process: the whole run)."""
 
 
 @dataclass
@@ -89,6 +92,7 @@ def train(run: Run) -> RunResult:
         in_backward=cfg.optimizer_in_backward,
         grad_scaler=_grad_scaler(run),
         compile_optimizer=cfg.compile_optimizer,
+        parallel=run.parallel,
     )
     models = {"unet": unet, **({"text_encoder": text_encoder} if train_te else {})}
 
@@ -176,9 +180,15 @@ def train(run: Run) -> RunResult:
             text_encoder.requires_grad_(False).eval()
         torch.manual_seed(step_seed(cfg.seed, step, ROUNDING_STREAM))  # bf16 stochastic rounding draws from it
         for micro in range(cfg.gradient_accumulation):
-            generator = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, micro))
-            rng = random.Random(step_seed(cfg.seed, step, micro))
+            # the step's batches are drawn in one order everywhere; process r of w takes every w-th, from the r-th
+            share = micro * run.parallel.world + run.parallel.rank
+            generator = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, share))
+            rng = random.Random(step_seed(cfg.seed, step, share))
+            for _ in range(run.parallel.rank):
+                order.next_batch(cfg.batch_size)
             instance_ids, class_ids = order.next_batch(cfg.batch_size)
+            for _ in range(run.parallel.world - run.parallel.rank - 1):
+                order.next_batch(cfg.batch_size)
             batch = [run.instance[i] for i in instance_ids] + [run.classes[i] for i in class_ids]
             flips = [cfg.hflip and rng.random() < 0.5 for _ in batch]
             latents = run.latents.sample([e.path for e in batch], flips, rng, generator)
@@ -205,6 +215,9 @@ def train(run: Run) -> RunResult:
         updater.step(unet_updated=step_graph is not None)
         step += 1
 
+        if run.parallel.active:  # report the mean over the processes' shares
+            loss_total = loss_total.detach().clone()
+            run.parallel.average_([loss_total])
         losses.add(loss_total)
         elapsed = time.perf_counter() - started
         pending.append((step, updater.lr, (step - first_step) / elapsed if elapsed > 0 else 0.0))
@@ -213,13 +226,14 @@ def train(run: Run) -> RunResult:
         state_due = cfg.state_every and step % cfg.state_every == 0
         if len(pending) >= cfg.log_every or save or sample or state_due:
             report()
-        cancel = run.cancel_requested()
+        cancel = run.parallel.any(run.cancel_requested(), run.device)  # all processes stop at the same step
         if cancel:
             report()
-        snapshot_now = state_due or (cancel and step < run.total_steps)
-        if save:
+        main = run.parallel.is_main  # one process writes; every copy of the weights is the same
+        snapshot_now = main and (state_due or (cancel and step < run.total_steps))
+        if save and main:
             outcome.checkpoints.append(run.save_checkpoint(step))
-        if sample:
+        if sample and main:
             with blocks_uncompiled(unet):  # previews run other shapes: no minutes of compiling for them
                 paths = run.render_samples(step)
             run.events.emit("sample", step=step, paths=[str(p) for p in paths])

@@ -20,6 +20,7 @@ import torch
 
 from ..config import TrainConfig
 from .optim import adam_arguments, build_lr_scheduler, build_optimizer, trainable
+from .parallel import Parallel
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
 
@@ -37,9 +38,11 @@ class Updater:
         in_backward: bool,
         grad_scaler,
         compile_optimizer: bool,
+        parallel: Parallel | None = None,
     ) -> None:
         self.config = config
         self.scaler = grad_scaler
+        self.parallel = parallel or Parallel()
         self.flat_optimizer = None
         self.backward_step: BackwardStep | None = None
         unet_params = trainable(unet.parameters())
@@ -75,6 +78,8 @@ class Updater:
     def step(self, unet_updated: bool = False) -> None:
         """Apply the accumulated gradients, advance the LR schedule and clear the gradients. ``unet_updated``: the
         UNet's fused update already ran (inside a recorded step graph)."""
+        if self.parallel.active:  # every process's copy takes the update of the average gradient
+            self.parallel.average_(self._gradients())
         if self.backward_step is not None:
             if not unet_updated:
                 self.backward_step.finish()
@@ -94,6 +99,11 @@ class Updater:
         self.lr_scheduler.step()
         self.torch_optimizer.zero_grad(set_to_none=True)
         self._hand_lr_to_flat()
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """Every gradient the next update reads: the flat buffer (UNet) and the torch optimizer's parameters'."""
+        grads = [self.flat.grad] if self.flat_optimizer is not None and self.flat.grad is not None else []
+        return grads + [p.grad for g in self.torch_optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     @property
     def lr(self) -> float:

@@ -1,0 +1,62 @@
+"""Data-parallel training: two real processes (``torch.distributed.run``, gloo on the CPU) against one process.
+
+Two processes with one batch each, gradients averaged before every update, must take the very updates of one
+process that accumulates the same two batches (same images, same noise) -- the exact statement of what data
+parallelism promises. Without the averaging, process 0 would learn from its own batches only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dreambooth.engine import run
+from dreambooth.events import Events
+from dreambooth.models.read import read_tensors
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _launch(config, model_dir: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "dreambooth", "train", str(path), "--json"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_take_the_updates_of_one_process_accumulating_both_batches(make_config, tmp_path):
+    options = dict(max_steps=3, batch_size=1, prior_preservation=True, learning_rate=1e-3, save_dtype="fp32")
+    single = run(make_config(gradient_accumulation=2, **options), tmp_path / "one" / "zwx", Events())
+    done = _launch(make_config(gradient_accumulation=1, **options), tmp_path / "two" / "zwx")
+    assert done.returncode == 0, done.stderr[-6000:]
+
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]  # process 0 alone reports
+    checkpoints = sorted((tmp_path / "two" / "zwx" / "checkpoints").glob("*.safetensors"))
+    assert [p.name for p in checkpoints] == ["zwx_3.safetensors"]  # and alone saves
+
+    base = read_tensors(Path(make_config().source_checkpoint))
+    ours, theirs = read_tensors(checkpoints[0]), read_tensors(single.checkpoints[-1])
+    trained = [k for k in ours if k.startswith("model.diffusion_model.") and not torch.equal(ours[k], base[k])]
+    assert len(trained) > 100  # the UNet learnt ...
+    # ... what one process accumulating both batches learnt: the sums run in another order, which AdamW's
+    # division by tiny second moments magnifies for a few weights, so the whole UNet is compared
+    apart = sum(float((ours[k] - theirs[k]).square().sum()) for k in trained) ** 0.5
+    moved = sum(float((theirs[k] - base[k]).square().sum()) for k in trained) ** 0.5
+    assert apart < 0.01 * moved, (apart, moved)
+
+
+def test_optimizer_in_backward_on_several_processes_says_what_to_change(make_config, tmp_path):
+    done = _launch(make_config(optimizer_in_backward=True, weights_dtype="bf16"), tmp_path / "zwx")
+    assert done.returncode != 0
+    error = next(json.loads(line) for line in done.stdout.splitlines() if '"error"' in line)
+    assert "optimizer_in_backward cannot run on 2 processes" in error["message"]
+    assert "Turn optimizer_in_backward off" in error["advice"]
