@@ -29,7 +29,7 @@ from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_chec
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train
-from .train.parallel import from_environment, leave_process_group
+from .train.parallel import Parallel, from_environment, leave_process_group
 from .train.speed.step_graph import enable_checkpointing
 
 T = TypeVar("T")
@@ -40,8 +40,13 @@ CLASS_BATCH = 4
 def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     """Train ``config`` with ``model_dir`` as the model's folder; see the module docstring."""
     model_dir = Path(model_dir)
+    parallel = Parallel()
     try:
-        return _run(config, model_dir, events)
+        device = resolve_device(config.device)
+        parallel = from_environment(device.type)
+        if not parallel.is_main:
+            events = Events(on_event=_errors_to_stderr)  # process 0 reports for all
+        return _run(config, model_dir, events, device, parallel)
     except Cancelled:
         events.emit("finished", step=0, cancelled=True, checkpoints=[])
         return RunResult(step=0, cancelled=True)
@@ -66,13 +71,12 @@ def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
         events.emit("error", kind="DiskFullError", message=full.message, advice=full.advice)
         raise full from exc
     finally:
-        (model_dir / CANCEL_FILE).unlink(missing_ok=True)
+        if parallel.is_main:
+            (model_dir / CANCEL_FILE).unlink(missing_ok=True)
         leave_process_group()
 
 
-def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
-    device = resolve_device(config.device)
-    parallel = from_environment(device.type)
+def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.device, parallel: Parallel) -> RunResult:
     if parallel.active:
         device = torch.device(device.type, parallel.local_rank) if device.type == "cuda" else device
         if config.optimizer_in_backward:
@@ -81,63 +85,65 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
                 "during the backward pass, before the other processes' gradients exist to be averaged.",
                 "Turn optimizer_in_backward off for data-parallel training (8-bit AdamW still saves memory).",
             )
-        if not parallel.is_main:
-            events = Events(on_event=_errors_to_stderr)  # process 0 reports for all
     for warning in validate_for_training(config):
         events.emit("warning", message=warning)
     weights_dtype = resolve_weights_dtype(config, device)
     autocast_dtype = None if weights_dtype == torch.bfloat16 else resolve_precision(config.mixed_precision, device)
     cancel_file = model_dir / CANCEL_FILE
-    cancel_file.unlink(missing_ok=True)
+    if parallel.is_main:
+        cancel_file.unlink(missing_ok=True)
+    # before training, process 0 alone decides a cancel (the others may not have started yet)
+    cancel_requested = cancel_file.exists if parallel.is_main else (lambda: False)
 
     min_side = min(64, config.resolution)
     instance = [e for concept in config.concepts for e in instance_examples(concept)]
     check_images([e.path for e in instance], min_side)
 
-    if not parallel.is_main:
-        parallel.barrier()  # process 0 first writes the shared files below (working copy, class images, caches)
-    events.emit("status", message=f"Loading {config.source_checkpoint}")
-    loaded = load_model(
-        config.source_checkpoint,
-        model_dir / "working",
-        model_dir / "cache",
-        config.tokenizer_dir,
-        config.model_config_dir,
-    )
+    def prepare() -> tuple[LoadedModel, list[Example], ImageLatents]:
+        events.emit("status", message=f"Loading {config.source_checkpoint}")
+        loaded = load_model(
+            config.source_checkpoint,
+            model_dir / "working",
+            model_dir / "cache",
+            config.tokenizer_dir,
+            config.model_config_dir,
+        )
+        components = loaded.components
+        components.unet.to(device)
+        components.text_encoder.to(device)
+        components.vae.to(device)
+
+        classes = _class_examples(config, loaded, model_dir, device, events, cancel_requested, min_side)
+        if cancel_requested():
+            raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
+
+        apply_attention(components.unet, config.attention)
+        components.unet.to(weights_dtype)
+        if config.gradient_checkpointing:
+            enable_checkpointing(components.unet)
+            if config.train_text_encoder:
+                components.text_encoder.gradient_checkpointing_enable()
+
+        latents = ImageLatents(
+            components.vae,
+            config.resolution,
+            config.center_crop,
+            config.cache_latents,
+            model_dir / "cache" / "latents",
+            loaded.source_id,
+            device,
+            min_side,
+        )
+        flips = (False, True) if config.hflip else (False,)
+        latents.prepare(
+            [e.path for e in instance + classes],
+            flips,
+            lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
+        )
+        return loaded, classes, latents
+
+    loaded, classes, latents = _main_first(parallel, device, prepare)
     components = loaded.components
-    components.unet.to(device)
-    components.text_encoder.to(device)
-    components.vae.to(device)
-
-    classes = _class_examples(config, loaded, model_dir, device, events, cancel_file.exists, min_side)
-    if cancel_file.exists():
-        raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
-
-    apply_attention(components.unet, config.attention)
-    components.unet.to(weights_dtype)
-    if config.gradient_checkpointing:
-        enable_checkpointing(components.unet)
-        if config.train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
-
-    latents = ImageLatents(
-        components.vae,
-        config.resolution,
-        config.center_crop,
-        config.cache_latents,
-        model_dir / "cache" / "latents",
-        loaded.source_id,
-        device,
-        min_side,
-    )
-    flips = (False, True) if config.hflip else (False,)
-    latents.prepare(
-        [e.path for e in instance + classes],
-        flips,
-        lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
-    )
-    if parallel.is_main:
-        parallel.barrier()  # the shared files are written: the other processes may read them
     if config.cache_latents and not config.center_crop:
         events.emit("warning", message="Random crops change every step, so latents are not cached.")
     prompts = PromptEmbeddings(
@@ -164,12 +170,14 @@ def _run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
             device=device,
             autocast_dtype=autocast_dtype,
             state_dir=model_dir / "state",
-            total_steps=total_steps(config, len(instance)),
+            total_steps=total_steps(config, len(instance), parallel.world),
             fingerprint={
                 "source_id": loaded.source_id,
                 "train_text_encoder": config.train_text_encoder,
                 "optimizer": config.optimizer,
                 "seed": config.seed,
+                # another process count draws other batches: its resume point does not continue this run
+                **({"processes": parallel.world} if parallel.active else {}),
             },
             events=events,
             save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
@@ -212,10 +220,30 @@ class _FrozenHelpers:
             self.park()
 
 
-def total_steps(config: TrainConfig, num_instance: int) -> int:
-    """Optimizer steps of the run: ``max_steps``, or enough for ``epochs`` passes over the instance images."""
+def _main_first(parallel: Parallel, device: torch.device, prepare: Callable[[], T]) -> T:
+    """``prepare()`` in process 0 first (it writes the shared files: working copy, class images, latent cache),
+    then in the others, which find them in place. If process 0 stops on the way (error or cancel), the others stop
+    quietly with it instead of waiting for it."""
+    if not parallel.active:
+        return prepare()
+    if parallel.is_main:
+        stopped = True
+        try:
+            result = prepare()
+            stopped = False
+        finally:
+            parallel.any(stopped, device)  # releases the others, telling them whether to go on
+        return result
+    if parallel.any(False, device):
+        raise Cancelled("Process 0 stopped before training; this process stops with it.", "See process 0's log.")
+    return prepare()
+
+
+def total_steps(config: TrainConfig, num_instance: int, processes: int = 1) -> int:
+    """Optimizer steps of the run: ``max_steps``, or enough for ``epochs`` passes over the instance images (each
+    step takes ``batch_size`` × ``gradient_accumulation`` images in each of ``processes`` processes)."""
     if config.epochs:
-        per_step = config.batch_size * config.gradient_accumulation
+        per_step = config.batch_size * config.gradient_accumulation * processes
         return max(1, math.ceil(config.epochs * num_instance / per_step))
     return config.max_steps
 
@@ -344,6 +372,7 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     if loaded.diffusers_config is not None and loaded.family == "sd1":
         problems = web_ui_cannot_build(loaded.diffusers_config)
         if problems:
+            path.with_suffix(".yaml").unlink(missing_ok=True)  # one an older version wrote would fail in the web UI
             events.emit("warning", message=f"{path.name} gets no .yaml: the web UI cannot build this model, because "
                         f"{'; '.join(problems)}. Diffusers and this extension load it.")
         else:

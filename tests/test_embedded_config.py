@@ -149,6 +149,8 @@ def test_a_shape_the_web_ui_cannot_build_gets_its_configs_but_no_yaml_and_a_warn
     config = make_config()
     seen = []
     shaped = LoadedModel(tiny.components, "sd1", "s", diffusers_config=read_config_folder(tiny.config_dir))
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "zwx_1.yaml").write_text("an older version's yaml, which the web UI fails on")
     path = _save(config, shaped, tmp_path / "tiny", 1, Events(on_event=seen.append))
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["zwx_1.safetensors"]
     warnings = [e["message"] for e in seen if e["event"] == "warning"]
@@ -166,6 +168,9 @@ def test_what_the_web_ui_cannot_build_is_named_and_the_demo_model_has_none(tiny)
         ("attention_head_dim", [5, 10, 20, 20], "head counts differ"),
         ("transformer_layers_per_block", 2, "2 transformer layers"),
         ("use_linear_projection", True, "project linearly"),
+        ("layers_per_block", [2, 2, 1, 1], "layers per block differ"),
+        ("block_out_channels", [64, 96, 128, 128], "not multiples of the first"),
+        ("in_channels", 9, "latents have [4, 9] channels"),
     ]:
         changed = copy.deepcopy(configs)
         changed["unet/config.json"][key] = value

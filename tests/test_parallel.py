@@ -16,19 +16,22 @@ from pathlib import Path
 import torch
 
 from dreambooth.engine import run
-from dreambooth.events import Events
+from dreambooth.events import CANCEL_FILE, Events
 from dreambooth.models.read import read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _launch(config, model_dir: Path, processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(config, model_dir: Path, processes: int = 2, wait: bool = True):
+    """``config`` trained by ``processes`` processes of ``python -m dreambooth train`` under torch's launcher."""
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.json"
     path.write_text(json.dumps(config.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "dreambooth", "train", str(path), "--json"]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -54,9 +57,32 @@ def test_two_processes_take_the_updates_of_one_process_accumulating_both_batches
     assert apart < 0.01 * moved, (apart, moved)
 
 
-def test_optimizer_in_backward_on_several_processes_says_what_to_change(make_config, tmp_path):
+def test_optimizer_in_backward_on_several_processes_says_what_to_change_once(make_config, tmp_path):
     done = _launch(make_config(optimizer_in_backward=True, weights_dtype="bf16"), tmp_path / "zwx")
     assert done.returncode != 0
-    error = next(json.loads(line) for line in done.stdout.splitlines() if '"error"' in line)
-    assert "optimizer_in_backward cannot run on 2 processes" in error["message"]
-    assert "Turn optimizer_in_backward off" in error["advice"]
+    errors = [json.loads(line) for line in done.stdout.splitlines() if '"error"' in line]
+    assert len(errors) == 1  # process 0 reports; process 1 only says it on its stderr
+    assert "optimizer_in_backward cannot run on 2 processes" in errors[0]["message"]
+    assert "Turn optimizer_in_backward off" in errors[0]["advice"]
+    logged = (tmp_path / "zwx" / "logs" / "events.jsonl").read_text().splitlines()
+    assert sum('"error"' in line for line in logged) == 1
+    assert "error: optimizer_in_backward cannot run" in done.stderr
+
+
+def test_a_cancel_while_process_0_draws_class_images_stops_every_process(make_config, tmp_path):
+    """Process 1 waits for process 0's preparation; a cancel there must release it, not leave it waiting."""
+    model_dir = tmp_path / "zwx"
+    config = make_config(prior_preservation=True, concept={"num_class_images": 64, "class_infer_steps": 4})
+    process = _launch(config, model_dir, wait=False)
+    try:
+        for line in process.stdout:
+            if '"Generating class images"' in line:
+                (model_dir / CANCEL_FILE).touch()
+                break
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    finished = [json.loads(line) for line in out.splitlines() if '"finished"' in line]
+    assert len(finished) == 1 and finished[0]["cancelled"]
+    assert not list(model_dir.glob("checkpoints/*.safetensors"))

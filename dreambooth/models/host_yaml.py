@@ -143,6 +143,16 @@ def web_ui_cannot_build(config_dir: Path | Configs) -> list[str]:
         problems.append(f"it stacks {depth} transformer layers per block (SD 1.x: 1)")
     if unet.get("use_linear_projection"):
         problems.append("its transformers project linearly (SD 2.x style; the SD 1.x yaml projects by convolution)")
+    for part, value in (("UNet's layers per block", unet.get("layers_per_block", 2)),
+                        ("VAE's layers per block", vae.get("layers_per_block", 2))):
+        if isinstance(value, (list, tuple)):
+            problems.append(f"its {part} differ by block ({list(value)}; the yaml has one count)")
+    for part, channels in (("UNet", unet["block_out_channels"]), ("VAE", vae["block_out_channels"])):
+        if any(c % channels[0] for c in channels):
+            problems.append(f"its {part} widths {list(channels)} are not multiples of the first")
+    latent = {unet.get("in_channels", 4), unet.get("out_channels", 4), vae.get("latent_channels", 4)}
+    if latent != {4}:
+        problems.append(f"its latents have {sorted(latent)} channels (the yaml's SD 1.x: 4)")
     return problems
 
 

@@ -224,9 +224,12 @@ def train(run: Run) -> RunResult:
         save = (cfg.save_every and step % cfg.save_every == 0) or step == run.total_steps
         sample = cfg.sample_every and step % cfg.sample_every == 0
         state_due = cfg.state_every and step % cfg.state_every == 0
-        if len(pending) >= cfg.log_every or save or sample or state_due:
+        reporting = len(pending) >= cfg.log_every or save or sample or state_due
+        if reporting:
             report()
-        cancel = run.parallel.any(run.cancel_requested(), run.device)  # all processes stop at the same step
+        cancel = run.cancel_requested()
+        if run.parallel.active:  # all processes stop at the same step: agreed where they all report (one wait)
+            cancel = reporting and run.parallel.any(cancel, run.device)
         if cancel:
             report()
         main = run.parallel.is_main  # one process writes; every copy of the weights is the same

@@ -10,11 +10,19 @@ here does anything then.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+BUCKET_ELEMENTS = 1 << 25
+"""Gradients smaller than this travel together, gathered into buffers of about this many elements."""
+
+TIMEOUT = datetime.timedelta(hours=2)
+"""How long a process waits for the others (process 0 may convert the model and draw hundreds of class images
+while they wait; NCCL's own default, 10 minutes, is too short for that)."""
 
 
 @dataclass(frozen=True)
@@ -40,26 +48,35 @@ class Parallel:
         if self.active:
             torch.distributed.barrier()
 
-    def average_(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Replace each tensor by its mean over the processes, in one collective call per dtype."""
+    def average_(self, tensors: Iterable[torch.Tensor], bucket: int = BUCKET_ELEMENTS) -> None:
+        """Replace each tensor by its mean over the processes: a large one in place, small ones of one dtype
+        gathered into buckets of up to ``bucket`` elements (one collective call each, little extra memory)."""
         if not self.active:
             return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        pending: dict[torch.dtype, list[torch.Tensor]] = {}
         for tensor in tensors:
-            by_dtype.setdefault(tensor.dtype, []).append(tensor)
-        for group in by_dtype.values():
-            if len(group) == 1:
-                flat = group[0]
-                torch.distributed.all_reduce(flat)
-                flat.div_(self.world)
+            if tensor.numel() >= bucket:
+                self._average_bucket([tensor])
                 continue
-            flat = torch.cat([t.reshape(-1) for t in group])
-            torch.distributed.all_reduce(flat)
-            flat.div_(self.world)
-            offset = 0
-            for tensor in group:
-                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-                offset += tensor.numel()
+            group = pending.setdefault(tensor.dtype, [])
+            group.append(tensor)
+            if sum(t.numel() for t in group) >= bucket:
+                self._average_bucket(group)
+                pending[tensor.dtype] = []
+        for group in pending.values():
+            if group:
+                self._average_bucket(group)
+
+    def _average_bucket(self, group: list[torch.Tensor]) -> None:
+        flat = group[0] if len(group) == 1 and group[0].is_contiguous() else torch.cat([t.reshape(-1) for t in group])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world)
+        if flat is group[0]:
+            return
+        offset = 0
+        for tensor in group:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every process when ``flag`` is true on any (so all stop at the same step)."""
@@ -80,7 +97,7 @@ def from_environment(device_type: str) -> Parallel:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
     return Parallel(rank=rank, world=world, local_rank=local_rank)
 
 
