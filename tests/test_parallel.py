@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dreambooth.engine import run
@@ -35,14 +36,17 @@ def _launch(config, model_dir: Path, processes: int = 2, wait: bool = True):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_processes_take_the_updates_of_one_process_accumulating_both_batches(make_config, tmp_path):
-    options = dict(max_steps=3, batch_size=1, prior_preservation=True, learning_rate=1e-3, save_dtype="fp32")
+@pytest.mark.parametrize("weights_dtype", ["fp32", "bf16"])  # torch's AdamW per tensor; one flat bf16 buffer
+def test_two_processes_take_the_updates_of_one_process_accumulating_both_batches(make_config, tmp_path, weights_dtype):
+    options = dict(max_steps=3, batch_size=1, prior_preservation=True, learning_rate=1e-3, save_dtype="fp32",
+                   weights_dtype=weights_dtype)
     single = run(make_config(gradient_accumulation=2, **options), tmp_path / "one" / "zwx", Events())
     done = _launch(make_config(gradient_accumulation=1, **options), tmp_path / "two" / "zwx")
     assert done.returncode == 0, done.stderr[-6000:]
 
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]  # process 0 alone reports
+    assert not [e for e in events if e["event"] == "warning" and "drifted" in e["message"]]  # copies stay equal
     checkpoints = sorted((tmp_path / "two" / "zwx" / "checkpoints").glob("*.safetensors"))
     assert [p.name for p in checkpoints] == ["zwx_3.safetensors"]  # and alone saves
 
@@ -54,7 +58,10 @@ def test_two_processes_take_the_updates_of_one_process_accumulating_both_batches
     # division by tiny second moments magnifies for a few weights, so the whole UNet is compared
     apart = sum(float((ours[k] - theirs[k]).square().sum()) for k in trained) ** 0.5
     moved = sum(float((theirs[k] - base[k]).square().sum()) for k in trained) ** 0.5
-    assert apart < 0.01 * moved, (apart, moved)
+    # bf16: each gradient is itself rounded to bf16, and one process accumulating rounds other sums than two
+    # averaging; measured 0.08% (fp32) and 7.8% (bf16) apart; 95% (fp32) when the averaging is left out, and then
+    # the copies differ between the processes (the drift warning above)
+    assert apart < {"fp32": 0.01, "bf16": 0.2}[weights_dtype] * moved, (apart, moved)
 
 
 def test_optimizer_in_backward_on_several_processes_says_what_to_change_once(make_config, tmp_path):

@@ -234,6 +234,9 @@ def train(run: Run) -> RunResult:
             report()
         main = run.parallel.is_main  # one process writes; every copy of the weights is the same
         snapshot_now = main and (state_due or (cancel and step < run.total_steps))
+        if save and not run.parallel.identical(_weights_fingerprint(models)):
+            run.events.emit("warning", message="The processes' copies of the weights have drifted apart (one of "
+                            "them fell back from a compiled or recorded path?); process 0's copy is saved.")
         if save and main:
             outcome.checkpoints.append(run.save_checkpoint(step))
         if sample and main:
@@ -251,6 +254,12 @@ def train(run: Run) -> RunResult:
     report()
     outcome.step = step
     return outcome
+
+
+def _weights_fingerprint(models: dict[str, torch.nn.Module]) -> torch.Tensor:
+    """Sum and sum of squares of every trained weight, in float64: equal in two processes whose copies are equal."""
+    values = [p.detach().double() for model in models.values() for p in model.parameters() if p.requires_grad]
+    return torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in values]).sum(dim=0)
 
 
 def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: Updater) -> str | None:

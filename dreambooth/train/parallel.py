@@ -78,6 +78,15 @@ class Parallel:
             tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
 
+    def identical(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is the same, bit for bit, in every process."""
+        if not self.active:
+            return True
+        high, low = value.clone(), value.clone()
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        return bool(torch.equal(high, low))
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every process when ``flag`` is true on any (so all stop at the same step)."""
         if not self.active:
