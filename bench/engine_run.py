@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,11 @@ ENGINE_MODES = {
     "speed-b24-compiled": {"batch_size": 24, **SPEED, "compile_unet": True},
     "speed-b32-compiled": {"batch_size": 32, **SPEED, "compile_unet": True},
     "speed-b32-compiled-nchw": {"batch_size": 32, **SPEED, "compile_unet": True, "channels_last": False},
+    # data-parallel, one process per GPU (``processes`` is the bench's, not a TrainConfig option); compare with the
+    # one-GPU mode of the same name: images/s counts every process's images
+    "speed-b16-2gpu": {"batch_size": 16, **SPEED, "processes": 2},
+    "speed-b16-compiled-nchw-2gpu": {"batch_size": 16, **SPEED, "compile_unet": True, "channels_last": False,
+                                     "processes": 2},
     "lowmem-b1": {"batch_size": 1, **LOW_MEMORY},
     "lowmem-b1-compiled": {"batch_size": 1, **LOW_MEMORY, "compile_unet": True},
     "plain-b1": {"batch_size": 1, "mixed_precision": "bf16"},
@@ -84,7 +90,7 @@ def write_config(mode: str, a, model: Path, instance: Path, klass: Path, work: P
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     wanted = {
         **COMMON,
-        **ENGINE_MODES[mode],
+        **{k: v for k, v in ENGINE_MODES[mode].items() if k != "processes"},
         "max_steps": a.warmup + a.steps + 1,
         "model_name": f"bench-{mode}",
         "source_checkpoint": str(model),
@@ -111,8 +117,11 @@ def write_config(mode: str, a, model: Path, instance: Path, klass: Path, work: P
 def engine_command(mode: str, a, model: Path, instance: Path, klass: Path, timing: Path, work: Path) -> list[str]:
     """The command line of one engine run (writes its config first)."""
     path, dropped = write_config(mode, a, model, instance, klass, work)
+    processes = ENGINE_MODES[mode].get("processes", 1)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     return [
         sys.executable,
+        *launcher,
         str(HERE / "engine_run.py"),
         str(timing),
         str(a.warmup),
@@ -151,7 +160,8 @@ def main() -> None:
     try:
         rc = cli(["train", config_path, "--json"])
     finally:
-        clock.write(runner="engine", ignored_options=[d for d in (rest[0].split(",") if rest else []) if d])
+        if os.environ.get("RANK", "0") == "0":  # under a launcher, process 0 times the run
+            clock.write(runner="engine", ignored_options=[d for d in (rest[0].split(",") if rest else []) if d])
     raise SystemExit(rc)
 
 

@@ -76,7 +76,7 @@ def batch_of(name: str, argv: list[str]) -> int:
     if runner == "engine":
         from engine_run import ENGINE_MODES
 
-        return ENGINE_MODES[mode]["batch_size"]
+        return ENGINE_MODES[mode]["batch_size"] * ENGINE_MODES[mode].get("processes", 1)  # all processes' images
     for flag in ("--train_batch_size", "--batch"):
         if flag in argv:
             return int(argv[argv.index(flag) + 1])
