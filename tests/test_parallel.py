@@ -33,7 +33,13 @@ def _launch(config, model_dir: Path, processes: int = 2, wait: bool = True):
                "-m", "dreambooth", "train", str(path), "--json"]
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if "terminate called without an active exception" in done.stderr:
+        # Seen twice in ~40 launches (once in a full CI run), never reproduced alone: a process aborts inside C++
+        # (no Python traceback, no error event) right after loading the model. Launched once more, so the test
+        # keeps judging what the processes compute; the closing note of 2026-11-25 records it as open.
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return done
 
 
 @pytest.mark.parametrize("weights_dtype", ["fp32", "bf16"])  # torch's AdamW per tensor; one flat bf16 buffer
