@@ -234,7 +234,7 @@ def train(run: Run) -> RunResult:
             report()
         main = run.parallel.is_main  # one process writes; every copy of the weights is the same
         snapshot_now = main and (state_due or (cancel and step < run.total_steps))
-        if save and not run.parallel.identical(_weights_fingerprint(models)):
+        if save and run.parallel.active and not run.parallel.identical(_weights_fingerprint(models)):
             run.events.emit("warning", message="The processes' copies of the weights have drifted apart (one of "
                             "them fell back from a compiled or recorded path?); process 0's copy is saved.")
         if save and main:

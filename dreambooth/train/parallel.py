@@ -43,11 +43,6 @@ class Parallel:
         """More than one process trains."""
         return self.world > 1
 
-    def barrier(self) -> None:
-        """Wait until every process is here."""
-        if self.active:
-            torch.distributed.barrier()
-
     def average_(self, tensors: Iterable[torch.Tensor], bucket: int = BUCKET_ELEMENTS) -> None:
         """Replace each tensor by its mean over the processes: a large one in place, small ones of one dtype
         gathered into buckets of up to ``bucket`` elements (one collective call each, little extra memory)."""
