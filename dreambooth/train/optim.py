@@ -11,12 +11,11 @@ from ..errors import ConfigError
 
 
 def build_optimizer(config: TrainConfig, groups: list[dict], allow_8bit: bool = True) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), AdamW 8-bit (bitsandbytes) or Adafactor over parameter ``groups``
+    """AdamW (:func:`torch_adamw`), AdamW 8-bit (bitsandbytes) or Adafactor over parameter ``groups``
     (each ``{"params": [...], "lr": float}``); ``allow_8bit=False`` gives plain AdamW for ``adamw_8bit``."""
     name = "adamw" if config.optimizer == "adamw_8bit" and not allow_8bit else config.optimizer
     if name == "adamw":
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, **adam_arguments(config), **({"fused": True} if on_cuda else {}))
+        return torch_adamw(groups, adam_arguments(config))
     if name == "adamw_8bit":
         return require_bitsandbytes().optim.AdamW8bit(groups, **adam_arguments(config))
     if name == "adafactor":
@@ -31,6 +30,16 @@ def build_optimizer(config: TrainConfig, groups: list[dict], allow_8bit: bool = 
             weight_decay=config.weight_decay,
         )
     raise ConfigError(f"Unknown optimizer {config.optimizer!r}.")
+
+
+def torch_adamw(groups: list[dict], arguments: dict) -> torch.optim.AdamW:
+    """torch's AdamW as one fused kernel where this torch has one for the weights' device (CUDA; the CPU since
+    torch 2.4), else its multi-tensor form. torch's own default on a CPU is a Python loop over the tensors: a third
+    of the demo model's training step on 2 cores (31 ms of an update that the fused kernel does in 7.5 ms)."""
+    try:
+        return torch.optim.AdamW(groups, **arguments, fused=True)
+    except (RuntimeError, ValueError):  # this torch has no fused kernel for these weights' device or dtype
+        return torch.optim.AdamW(groups, **arguments, foreach=True)
 
 
 def adam_arguments(config: TrainConfig) -> dict:
