@@ -4,6 +4,10 @@ equal (seed, data, steps). Reported per mode: the loss curve in windows of ``--w
 fp32's, and the demo's fidelity table (subject fidelity, recontextualisation, leakage, class drift).
 
     python bench/fidelity.py --out results/fidelity [--modes fp32 speed lowmem] [--tokenizer DIR]
+    python bench/fidelity.py --out results/all --merge results/fp32 results/lowmem ...   # one table of several runs
+
+Modes run one after another in one process; to run them side by side, start one process per mode and merge their
+``results.json`` files afterwards.
 
 Stated tolerance (checked and printed, never asserted in tests): every window's mean loss within 10% of fp32's,
 and the demo's scores within 15 points of fp32's (32 samples per prompt: one sample is 3 points).
@@ -57,8 +61,16 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a DemoSettings field")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="train nothing: one table of these earlier runs' results.json")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        results = {}
+        for folder in a.merge:
+            results.update(json.loads((folder / "results.json").read_text()))
+        write_tables(results, a.out, a.window)
+        return
     base = parse_overrides(a.set)
     results = {}
     for mode in a.modes:
@@ -70,7 +82,13 @@ def main() -> None:
             "seconds": round(report.seconds, 1),
         }
         print(mode, json.dumps(results[mode]), flush=True)
-    lines = [f"| mode | run | loss per {a.window} steps (ratio to fp32) | fidelity | recontext | leakage | drift |",
+        (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_tables(results, a.out, a.window)
+
+
+def write_tables(results: dict, out: Path, window: int) -> None:
+    """results.md (loss windows, their ratio to fp32's where fp32 ran, scores, verdicts) and results.json."""
+    lines = [f"| mode | run | loss per {window} steps (ratio to fp32) | fidelity | recontext | leakage | drift |",
              "|---|---|---|---|---|---|---|"]
     verdicts = []
     for mode, result in results.items():
@@ -91,8 +109,8 @@ def main() -> None:
                          f"{row['fidelity']:.0%} | {row['recontext']:.0%} | {row['leakage']:.0%} | "
                          f"{row['class_drift']:.2f} |")
     text = "\n".join(lines + [""] + verdicts) + "\n"
-    (a.out / "results.md").write_text(text)
-    (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(text)
 
 
