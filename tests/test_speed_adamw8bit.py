@@ -67,6 +67,24 @@ def test_8bit_adamw_follows_fp32_adamw_closely():
     assert opt.step_count.item() == 60
 
 
+def test_8bit_adamw_clips_the_whole_gradient_to_max_grad_norm():
+    def run(max_grad_norm, prescale: bool):
+        weight, target = _problem()
+        flat = FlatParameters([weight])
+        opt = FlatAdamW8bit(flat, lr=0.05, max_grad_norm=max_grad_norm)
+        for _ in range(5):
+            grad = 50 * (weight.detach() - target)  # norm far above 1: clipping scales every step
+            if prescale:
+                grad = grad * torch.clamp(1.0 / (grad.norm() + 1e-6), max=1.0)
+            flat.grad.copy_(grad)
+            opt.step()
+        return flat.data.clone()
+
+    clipped, by_hand, unclipped = run(1.0, False), run(None, True), run(None, False)
+    torch.testing.assert_close(clipped, by_hand, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(clipped, unclipped, rtol=1e-3, atol=1e-4)
+
+
 def test_a_resumed_8bit_optimizer_continues_exactly():
     def run(steps: int, state=None):
         weight, target = _problem()

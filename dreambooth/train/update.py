@@ -134,8 +134,9 @@ def _flat_optimizer(config: TrainConfig, flat: FlatParameters, compile_optimizer
     from .speed.adamw import FlatAdamW
 
     compile = compile_optimizer and flat.data.is_cuda and importlib.util.find_spec("triton") is not None
+    clip = config.max_grad_norm or None
     if config.optimizer == "adamw_8bit":
         from .speed.adamw8bit import FlatAdamW8bit
 
-        return FlatAdamW8bit(flat, **adam_arguments(config), compile=compile)
-    return FlatAdamW(flat, **adam_arguments(config), max_grad_norm=config.max_grad_norm or None, compile=compile)
+        return FlatAdamW8bit(flat, **adam_arguments(config), max_grad_norm=clip, compile=compile)
+    return FlatAdamW(flat, **adam_arguments(config), max_grad_norm=clip, compile=compile)

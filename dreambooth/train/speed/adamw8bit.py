@@ -102,6 +102,7 @@ class FlatAdamW8bit:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        max_grad_norm: float | None = None,
         compile: bool = False,
     ) -> None:
         if flat.numel % BLOCK:
@@ -109,7 +110,7 @@ class FlatAdamW8bit:
         self.flat = flat
         device = flat.data.device
         self.beta1, self.beta2 = betas
-        self.eps, self.weight_decay = eps, weight_decay
+        self.eps, self.weight_decay, self.max_grad_norm = eps, weight_decay, max_grad_norm
         self.state1 = torch.zeros(flat.numel, dtype=torch.uint8, device=device)
         self.state2 = torch.zeros(flat.numel, dtype=torch.uint8, device=device)
         self.absmax1 = torch.zeros(flat.numel // BLOCK, dtype=torch.float32, device=device)
@@ -157,12 +158,16 @@ class FlatAdamW8bit:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One step over the whole flat gradient (no clipping), then zero it."""
+        """One step over the whole flat gradient (clipped to ``max_grad_norm`` first when set), then zero it."""
         assert self.flat.grad is not None, "FlatAdamW8bit.step needs FlatParameters(with_grad_buffer=True)"
         self.begin_step()
+        scale = self._one
+        if self.max_grad_norm:
+            norm = torch.linalg.vector_norm(self.flat.grad, dtype=torch.float32)
+            scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         for start in range(0, self.flat.numel, CHUNK):  # fp32 copies of one chunk at a time, not 2 × 3.4 GB
             stop = min(start + CHUNK, self.flat.numel)
-            self.update_range(start, stop, self.flat.grad[start:stop])
+            self.update_range(start, stop, self.flat.grad[start:stop], scale)
         self.flat.zero_grad()
 
     def state_dict(self) -> dict:
