@@ -1,17 +1,18 @@
 """DreamBooth on the demo model, reduced to the CI size (``run_demo(quick=True)``: the default settings with 16
-class images, 16 samples per prompt and 10 DDIM steps; about two minutes on 2 CPU threads): two engine runs on
-the CPU, with and without prior preservation, samples judged by pixel statistics.
+class images, 16 samples per prompt and 10 DDIM steps; about 2 minutes 20 seconds on 2 CPU threads): two engine
+runs on the CPU, with and without prior preservation, samples judged by pixel statistics.
 
-Measured over seeds 0, 1, 2 (subject = the two-tone magenta/cyan star; stars = star-shaped class-prompt samples):
+Measured over seeds 0, 1, 2 with the default training (UNet and text encoder at 1e-4, 800 steps; subject = the
+two-tone magenta/cyan star; stars = star-shaped class-prompt samples):
 
     seed | prior: fidelity, recontext, leakage, stars | no prior: fidelity, recontext, leakage, stars
-      0  |        56%, 19%, 0%, 1/16                  |           44%, 38%, 44%, 16/16
-      1  |        50%,  6%, 0%, 4/16                  |           69%, 31%, 69%, 13/16
-      2  |        81%, 19%, 0%, 1/16                  |           25%,  0%, 25%,  7/16
+      0  |        94%, 88%, 0%, 0/16                  |           81%, 81%,  81%, 14/16
+      1  |        94%, 31%, 0%, 0/16                  |           94%, 69%,  94%, 16/16
+      2  |        94%, 88%, 0%, 1/16                  |          100%, 12%, 100%, 16/16
 
 The base model scored 0% fidelity and 0% leakage on every seed. The bounds below hold on all three seeds with a
-margin of at least one sample; the test runs seed 0. The full-size run's numbers (fidelity 88-97%) are in the
-README; the reduced run samples with fewer DDIM steps, which draws the subject's colours less cleanly.
+margin of at least one sample; the test runs seed 0 (another CPU may round differently and take another path,
+hence the margins). The full-size run's numbers are in the README.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def test_base_model_has_never_drawn_the_subject(report):
 
 def test_training_with_prior_preservation_teaches_the_subject_and_keeps_the_class(report):
     prior = report.row("prior")
-    assert prior.fidelity >= 6 / 16  # measured 8/16 at the worst seed
+    assert prior.fidelity >= 13 / 16  # measured 15/16 on every seed
+    assert prior.recontext >= 4 / 16  # measured 5/16 at the worst seed: the subject also follows a new context
     assert prior.leakage <= 1 / 16  # measured 0 on every seed
 
 
 def test_without_prior_preservation_the_subject_leaks_into_the_class(report):
     prior, no_prior = report.row("prior"), report.row("no prior")
-    assert no_prior.leakage >= prior.leakage + 3 / 16  # measured at least 4/16 more
+    assert no_prior.leakage >= prior.leakage + 10 / 16  # measured at least 13/16 more
     assert _stars(report, "no prior") > _stars(report, "prior")
 
 

@@ -42,8 +42,8 @@ CONTEXT_BACKGROUND = "green"
 class DemoSettings:
     """The knobs of one demo run; :func:`settings` gives the default and the quick (CI) ones."""
 
-    steps: int = 400
-    learning_rate: float = 2e-4
+    steps: int = 800
+    learning_rate: float = 1e-4
     batch_size: int = 2
     num_class_images: int = 32
     class_steps: int = 15
@@ -51,7 +51,7 @@ class DemoSettings:
     sample_steps: int = 15
     guidance: float = 5.0
     train_text_encoder: bool = True
-    text_encoder_lr: float = 2e-4
+    text_encoder_lr: float = 1e-4
     prior_loss_weight: float = 0.1
     captions: bool = False  # instance captions that name the background: "a zwx shape on a white background"
     device: str = "cpu"
