@@ -6,10 +6,15 @@ The compile here is real (torch.compile's CPU backend, a C++ compiler); its spee
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from dreambooth.engine import run
-from dreambooth.events import Events
+from dreambooth.errors import Cancelled
+from dreambooth.events import CANCEL_FILE, Events
+from dreambooth.train.loop import _cancel_checks_between_blocks
 
 
 def _train(make_config, model_dir, **options) -> tuple[dict, list[float], list[str]]:
@@ -72,3 +77,35 @@ def test_previews_and_a_trained_text_encoder_compile_nothing_after_the_first_ste
     frames, _, _, _ = _frames_compiled(make_config, tmp_path / "a")
     with_previews, _, _, _ = _frames_compiled(make_config, tmp_path / "b", sample_every=1, train_text_encoder=True)
     assert with_previews == frames > 0
+
+
+def test_a_cancel_while_the_unet_compiles_stops_before_the_first_step(make_config, tmp_path):
+    model_dir = tmp_path / "cancelled"
+    seen: list[dict] = []
+
+    def cancel_when_compiling(event: dict) -> None:
+        seen.append(event)
+        if event["event"] == "status" and event["message"].startswith("Compiling the UNet"):
+            (model_dir / CANCEL_FILE).touch()  # what the tab's Cancel does
+
+    torch._dynamo.reset()
+    outcome = run(make_config(compile_unet=True), model_dir, Events(on_event=cancel_when_compiling))
+    assert outcome.cancelled and outcome.step == 0
+    assert not [e for e in seen if e["event"] in ("step", "started", "warning", "error")]
+    assert [(e["cancelled"], e["checkpoints"]) for e in seen if e["event"] == "finished"] == [(True, [])]
+
+
+def test_the_compile_checks_for_a_cancel_between_blocks_in_backward_too(tiny):
+    unet = copy.deepcopy(tiny.components.unet)
+    forward_done = False
+    handles = _cancel_checks_between_blocks(unet, lambda: forward_done)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, requires_grad=True)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim)
+    prediction = unet(sample, torch.tensor([10]), context).sample  # no cancel yet: the forward runs through
+    forward_done = True
+    with pytest.raises(Cancelled):
+        torch.autograd.grad(prediction.square().mean(), sample)
+    for handle in handles:
+        handle.remove()
+    prediction = unet(sample, torch.tensor([10]), context).sample  # removed: nothing checks any more
+    torch.autograd.grad(prediction.square().mean(), sample)

@@ -19,6 +19,7 @@ import torch
 from ..config import TrainConfig
 from ..data.cache import ImageLatents, PromptEmbeddings
 from ..data.dataset import DataOrder, Example
+from ..errors import Cancelled
 from ..events import Events
 from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
@@ -294,17 +295,44 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
     sample = example["sample"].detach().requires_grad_()
     context = example["context"].detach().requires_grad_(train_te)  # as in training, or a step would recompile
     run.events.emit("status", message="Compiling the UNet (minutes on a first run)")
+    checks = [] if run.parallel.active else _cancel_checks_between_blocks(unet, run.cancel_requested)
     try:
         count = compile_blocks(unet)
         with autocast:
             prediction = unet(sample, example["timesteps"], context).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
+    except Cancelled:
+        uncompile_blocks(unet)
+        raise
     except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
         uncompile_blocks(unet)
         run.events.emit("warning", message=f"The UNet could not be compiled ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it runs as usual.")
         return 0
+    finally:
+        for handle in checks:
+            handle.remove()
     return count
+
+
+def _cancel_checks_between_blocks(unet, cancel_requested: Callable[[], bool]) -> list:
+    """Hooks that raise :class:`Cancelled` when a cancel is requested, before each of the UNet's top-level blocks
+    runs forward and after each one's gradient arrives in backward: the compiler works block by block for minutes,
+    and a Cancel then takes effect at the next block rather than after the whole compile. The hooks sit on the
+    uncompiled containers (down, mid and up blocks), outside what the compiler traces; the caller removes them."""
+
+    def check(*_) -> None:
+        if cancel_requested():
+            raise Cancelled("Training was cancelled while the UNet compiled.", "Press Train to start again.")
+
+    def check_in_backward(_module, _args, output) -> None:
+        first = output[0] if isinstance(output, tuple) else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(check)
+
+    containers = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    return [handle for block in containers if block is not None
+            for handle in (block.register_forward_pre_hook(check), block.register_forward_hook(check_in_backward))]
 
 
 def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGraph:
