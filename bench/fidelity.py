@@ -68,8 +68,14 @@ def main() -> None:
     if a.merge:
         results = {}
         for folder in a.merge:
-            results.update(json.loads((folder / "results.json").read_text()))
-        write_tables(results, a.out, a.window)
+            for mode, result in json.loads((folder / "results.json").read_text()).items():
+                if mode in results:
+                    parser.error(f"mode {mode!r} is in two of the merged runs")
+                results[mode] = result
+        windows_used = {result.get("window", a.window) for result in results.values()}
+        if len(windows_used) > 1:
+            parser.error(f"the merged runs used different --window sizes: {sorted(windows_used)}")
+        write_tables(results, a.out, windows_used.pop())
         return
     base = parse_overrides(a.set)
     results = {}
@@ -80,6 +86,7 @@ def main() -> None:
             "rows": [dataclasses.asdict(r) for r in report.rows],
             "loss_windows": {run: windows(curve, a.window) for run, curve in report.losses.items()},
             "seconds": round(report.seconds, 1),
+            "window": a.window,
         }
         print(mode, json.dumps(results[mode]), flush=True)
         (a.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -304,8 +304,8 @@ class TrainConfig:
         group="Optimizer",
         minimum=0.0,
         maximum=1000.0,
-        help="Clip the gradient norm to this value (0: no clipping). With the fused optimizer step the UNet's "
-        "gradient is never whole, so only the text encoder's is clipped.",
+        help="Clip the gradient norm to this value (0: no clipping). With the optimizer step in the backward pass "
+        "(optimizer_in_backward) the UNet's gradient is never whole, so only the text encoder's is clipped.",
     )
 
     mixed_precision: str = option(

@@ -14,18 +14,19 @@ import torch
 from dreambooth.engine import run
 from dreambooth.errors import Cancelled
 from dreambooth.events import CANCEL_FILE, Events
+from dreambooth.train import loop
 from dreambooth.train.loop import _cancel_checks_between_blocks
 
 
-def _train(make_config, model_dir, **options) -> tuple[dict, list[float], list[str]]:
+def _train(make_config, model_dir, on_event=None, **options) -> tuple[dict | None, list[float], list[str]]:
     seen: list[dict] = []
-    run(make_config(**options), model_dir, Events(on_event=seen.append))
-    started = next(e for e in seen if e["event"] == "started")
+    run(make_config(**options), model_dir, Events(on_event=lambda e: (seen.append(e), on_event and on_event(e))))
+    started = next((e for e in seen if e["event"] == "started"), None)
     losses = [e["loss"] for e in seen if e["event"] == "step"]
     return started, losses, [e["message"] for e in seen if e["event"] == "warning"]
 
 
-def _frames_compiled(make_config, folder, **options) -> tuple[int, dict, list[float], list[str]]:
+def _frames_compiled(make_config, folder, **options) -> tuple[int, dict | None, list[float], list[str]]:
     """Train with ``compile_unet`` from an empty dynamo cache; returns how many frames dynamo compiled."""
     from torch._dynamo.utils import counters
 
@@ -79,18 +80,21 @@ def test_previews_and_a_trained_text_encoder_compile_nothing_after_the_first_ste
     assert with_previews == frames > 0
 
 
-def test_a_cancel_while_the_unet_compiles_stops_before_the_first_step(make_config, tmp_path):
+def test_a_cancel_while_the_unet_compiles_stops_at_the_next_block(make_config, tmp_path, monkeypatch):
+    full_frames, *_ = _frames_compiled(make_config, tmp_path / "full")
     model_dir = tmp_path / "cancelled"
+    real_compile = loop.compile_blocks
+
+    def compile_and_cancel_after_the_first_down_block(unet, *args, **kwargs):
+        count = real_compile(unet, *args, **kwargs)
+        # the tab's Cancel, pressed while the compiler is busy with the first down block's insides
+        unet.down_blocks[0].register_forward_hook(lambda *_: (model_dir / CANCEL_FILE).touch())
+        return count
+
+    monkeypatch.setattr(loop, "compile_blocks", compile_and_cancel_after_the_first_down_block)
     seen: list[dict] = []
-
-    def cancel_when_compiling(event: dict) -> None:
-        seen.append(event)
-        if event["event"] == "status" and event["message"].startswith("Compiling the UNet"):
-            (model_dir / CANCEL_FILE).touch()  # what the tab's Cancel does
-
-    torch._dynamo.reset()
-    outcome = run(make_config(compile_unet=True), model_dir, Events(on_event=cancel_when_compiling))
-    assert outcome.cancelled and outcome.step == 0
+    frames, *_ = _frames_compiled(make_config, model_dir, on_event=seen.append)
+    assert 0 < frames < full_frames  # stopped part-way through the compile
     assert not [e for e in seen if e["event"] in ("step", "started", "warning", "error")]
     assert [(e["cancelled"], e["checkpoints"]) for e in seen if e["event"] == "finished"] == [(True, [])]
 

@@ -10,9 +10,13 @@ two-tone magenta/cyan star; stars = star-shaped class-prompt samples):
       1  |        94%, 31%, 0%, 0/16                  |           94%, 69%,  94%, 16/16
       2  |        94%, 88%, 0%, 1/16                  |          100%, 12%, 100%, 16/16
 
-The base model scored 0% fidelity and 0% leakage on every seed. The bounds below hold on all three seeds with a
-margin of at least one sample; the test runs seed 0 (another CPU may round differently and take another path,
-hence the margins). The full-size run's numbers are in the README.
+The base model scored 0% fidelity and 0% leakage on every seed. The test runs seed 0, but another CPU may round
+differently and take another path through the same training, so the bounds are set from the spread over seeds and
+devices, not from seed 0 here: fidelity >= 10/16 (the H100's 8 seeds of the full-size run bottomed out at 62%;
+bench/results/2026-11-25-h100-demo-sweep3), leakage <= 2/16 (its worst: 12%), and the no-prior run leaking at least
+8/16 more (75-100% here, full size and quick). Recontextualisation is not asserted: it spans 0-97% over seeds and
+devices (31-88% above), so a bound on it would test the path, not the training. The full-size numbers are in the
+README.
 """
 
 from __future__ import annotations
@@ -39,14 +43,13 @@ def test_base_model_has_never_drawn_the_subject(report):
 
 def test_training_with_prior_preservation_teaches_the_subject_and_keeps_the_class(report):
     prior = report.row("prior")
-    assert prior.fidelity >= 13 / 16  # measured 15/16 on every seed
-    assert prior.recontext >= 4 / 16  # measured 5/16 at the worst seed: the subject also follows a new context
-    assert prior.leakage <= 1 / 16  # measured 0 on every seed
+    assert prior.fidelity >= 10 / 16  # measured 15/16 on every seed
+    assert prior.leakage <= 2 / 16  # measured 0 on every seed
 
 
 def test_without_prior_preservation_the_subject_leaks_into_the_class(report):
     prior, no_prior = report.row("prior"), report.row("no prior")
-    assert no_prior.leakage >= prior.leakage + 10 / 16  # measured at least 13/16 more
+    assert no_prior.leakage >= prior.leakage + 8 / 16  # measured at least 13/16 more
     assert _stars(report, "no prior") > _stars(report, "prior")
 
 

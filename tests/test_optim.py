@@ -1,12 +1,12 @@
-"""The AdamW the engine builds: torch's fused kernel where torch has one, the same update as torch's reference loop."""
+"""The AdamW the engine builds: torch's fused kernel where torch has one, the same update as torch's reference loop,
+and the kernel choice kept across a resume."""
 
 from __future__ import annotations
 
 import torch
 
 from dreambooth.config import TrainConfig
-from dreambooth.train import optim
-from dreambooth.train.optim import build_optimizer
+from dreambooth.train.optim import adam_arguments, build_optimizer, keep_kernel_choice
 
 
 def _weights(seed: int) -> list[torch.nn.Parameter]:
@@ -22,16 +22,19 @@ def _train(optimizer: torch.optim.Optimizer, weights: list[torch.nn.Parameter], 
         optimizer.step()
 
 
-def test_cpu_adamw_is_fused_and_takes_the_reference_loops_steps():
+def _kernel(optimizer: torch.optim.Optimizer) -> tuple:
+    """What each group's step will run: (fused, foreach) as the groups say (the optimizer reads them there)."""
+    return tuple((bool(g.get("fused")), bool(g.get("foreach"))) for g in optimizer.param_groups)
+
+
+def test_cpu_adamw_is_fused_and_steps_as_torchs_per_tensor_loop():
     config = TrainConfig(learning_rate=1e-2, weight_decay=0.1)
     ours, reference = _weights(0), _weights(0)
     optimizer = build_optimizer(config, [{"params": ours, "lr": config.learning_rate}])
-    if torch.__version__ >= (2, 4):
-        assert optimizer.defaults["fused"] is True
-    else:  # no fused CPU kernel before torch 2.4: the multi-tensor form instead
-        assert optimizer.defaults["foreach"] is True
+    # no fused CPU kernel before torch 2.4: the multi-tensor form there
+    assert _kernel(optimizer) == (((True, False),) if torch.__version__ >= (2, 4) else ((False, True),))
     _train(optimizer, ours)
-    _train(torch.optim.AdamW(reference, foreach=False, **optim.adam_arguments(config)), reference)
+    _train(torch.optim.AdamW(reference, foreach=False, **adam_arguments(config)), reference)
     moved = sum((w - w0).norm() for w, w0 in zip(reference, _weights(0)))
     assert moved > 0.1
     for w, r in zip(ours, reference):
@@ -41,11 +44,25 @@ def test_cpu_adamw_is_fused_and_takes_the_reference_loops_steps():
 def test_without_a_fused_kernel_the_multi_tensor_form_is_taken(monkeypatch):
     real = torch.optim.AdamW
 
-    def no_fused(params, **kwargs):
+    def fused_refused(params, **kwargs):  # as torch 2.1-2.3 on a CPU: the groups are written, then the check raises
+        optimizer = real(params, **kwargs)
         if kwargs.get("fused"):
             raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
-        return real(params, **kwargs)
+        return optimizer
 
-    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
-    optimizer = build_optimizer(TrainConfig(), [{"params": _weights(0), "lr": 1e-3}])
-    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    monkeypatch.setattr(torch.optim, "AdamW", fused_refused)
+    groups = [{"params": _weights(0), "lr": 1e-3}, {"params": _weights(1), "lr": 1e-4}]
+    optimizer = build_optimizer(TrainConfig(), groups)
+    assert _kernel(optimizer) == ((False, True), (False, True))
+    _train(optimizer, [p for g in optimizer.param_groups for p in g["params"]])  # the CPU step runs
+
+
+def test_a_resume_point_from_another_kernel_resumes_on_this_builds_kernel():
+    weights = _weights(0)
+    old = torch.optim.AdamW(weights, lr=1e-3, foreach=False)  # as saved before the fused kernel was chosen
+    _train(old, weights)
+    optimizer = build_optimizer(TrainConfig(), [{"params": weights, "lr": 1e-3}])
+    chosen = _kernel(optimizer)
+    keep_kernel_choice(optimizer, lambda: optimizer.load_state_dict(old.state_dict()))
+    assert _kernel(optimizer) == chosen != _kernel(old)
+    assert optimizer.state[weights[0]]["step"] == 5  # the moments came back

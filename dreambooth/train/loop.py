@@ -295,8 +295,10 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
     sample = example["sample"].detach().requires_grad_()
     context = example["context"].detach().requires_grad_(train_te)  # as in training, or a step would recompile
     run.events.emit("status", message="Compiling the UNet (minutes on a first run)")
-    checks = [] if run.parallel.active else _cancel_checks_between_blocks(unet, run.cancel_requested)
+    checks: list = []
     try:
+        if not run.parallel.active:  # several processes stop together, at the training loop's agreed cancel
+            checks = _cancel_checks_between_blocks(unet, run.cancel_requested)
         count = compile_blocks(unet)
         with autocast:
             prediction = unet(sample, example["timesteps"], context).sample
@@ -316,10 +318,11 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
 
 
 def _cancel_checks_between_blocks(unet, cancel_requested: Callable[[], bool]) -> list:
-    """Hooks that raise :class:`Cancelled` when a cancel is requested, before each of the UNet's top-level blocks
-    runs forward and after each one's gradient arrives in backward: the compiler works block by block for minutes,
-    and a Cancel then takes effect at the next block rather than after the whole compile. The hooks sit on the
-    uncompiled containers (down, mid and up blocks), outside what the compiler traces; the caller removes them."""
+    """Hooks that raise :class:`Cancelled` when a cancel is requested: before each of the UNet's down, mid and up
+    blocks runs forward, and in backward when the gradient reaches each one's output (before its own backward
+    runs). The compiler works through the blocks for minutes, so a Cancel takes effect at the next of these
+    containers rather than after the whole compile. The hooks sit on the uncompiled containers, outside what the
+    compiler traces; the caller removes them."""
 
     def check(*_) -> None:
         if cancel_requested():

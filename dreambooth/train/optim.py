@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -36,10 +36,20 @@ def torch_adamw(groups: list[dict], arguments: dict) -> torch.optim.AdamW:
     """torch's AdamW as one fused kernel where this torch has one for the weights' device (CUDA; the CPU since
     torch 2.4), else its multi-tensor form. torch's own default on a CPU is a Python loop over the tensors: a third
     of the demo model's training step on 2 cores (31 ms of an update that the fused kernel does in 7.5 ms)."""
-    try:
-        return torch.optim.AdamW(groups, **arguments, fused=True)
+    try:  # each attempt gets its own copies: torch writes its flags into the groups before it checks the device
+        return torch.optim.AdamW([dict(g) for g in groups], **arguments, fused=True)
     except (RuntimeError, ValueError):  # this torch has no fused kernel for these weights' device or dtype
-        return torch.optim.AdamW(groups, **arguments, foreach=True)
+        return torch.optim.AdamW([dict(g) for g in groups], **arguments, foreach=True)
+
+
+def keep_kernel_choice(optimizer: torch.optim.Optimizer, load: Callable[[], None]) -> None:
+    """Run ``load`` (a ``load_state_dict``) and give the groups back this build's ``fused``/``foreach`` flags: a
+    resume point saved by another version or device would otherwise bring its own (a CPU snapshot from before
+    the fused kernel resumes on the slow loop; a non-fused one under an fp16 GradScaler fails)."""
+    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    load()
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
 
 
 def adam_arguments(config: TrainConfig) -> dict:

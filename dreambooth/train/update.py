@@ -1,8 +1,8 @@
 """How gradients become new weights: one object the loop calls ``backward(loss)`` and ``step()`` on.
 
 Two paths, chosen by the config:
-- torch's optimizers on fp32 weights (AdamW fused on CUDA, AdamW 8-bit, Adafactor), with an fp16 GradScaler
-  when autocast runs in fp16;
+- torch's optimizers on fp32 weights (AdamW as one fused kernel where torch has it, AdamW 8-bit, Adafactor), with
+  an fp16 GradScaler when autocast runs in fp16;
 - the UNet's weights in one flat buffer (``speed/flat.py``) updated by one AdamW kernel (``speed/adamw.py``, or
   its 8-bit-moment twin ``speed/adamw8bit.py``) that writes bf16 weights with stochastic rounding; optionally inside
   the backward pass (``speed/backward.py``), so the full gradient never exists. The text encoder, when it trains,
@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from ..config import TrainConfig
-from .optim import adam_arguments, build_lr_scheduler, build_optimizer, trainable
+from .optim import adam_arguments, build_lr_scheduler, build_optimizer, keep_kernel_choice, trainable
 from .parallel import Parallel
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
@@ -119,7 +119,7 @@ class Updater:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.torch_optimizer.load_state_dict(state["torch"])
+        keep_kernel_choice(self.torch_optimizer, lambda: self.torch_optimizer.load_state_dict(state["torch"]))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.flat_optimizer is not None:
             self.flat_optimizer.load_state_dict(state["flat"])
