@@ -85,6 +85,27 @@ class Busy(DreamBoothError):
         self.running_model = running_model
 
 
+def starting_settings(config: TrainConfig) -> TrainConfig:
+    """A new model's settings, from what its source declares: the training resolution in its header (64 for the
+    demo model), and for the shipped demo model the demo's training settings (learning rates, steps, text-encoder
+    training, prior loss weight): the defaults are SD 1.5's, under which the tiny model learns nothing in a run."""
+    from .demo.settings import DEMO_MODEL_TITLE, settings, training_values
+    from .models.load import declared_resolution, header_metadata
+
+    source = Path(config.source_checkpoint)
+    values: dict[str, Any] = {}
+    if (resolution := declared_resolution(source)) and resolution != config.resolution:
+        values["resolution"] = resolution
+    if header_metadata(source).get("modelspec.title") == DEMO_MODEL_TITLE:
+        values.update(training_values(settings(quick=False)))
+    if not values:
+        return config
+    try:
+        return TrainConfig.from_dict({**config.to_dict(), **values})
+    except ConfigError:  # a declared value our config does not allow: keep the defaults
+        return config
+
+
 class Supervisor:
     """Owns the model folders, starts and watches the training child, and keeps its :class:`RunStatus`."""
 
@@ -129,8 +150,9 @@ class Supervisor:
         folder = self.model_dir(name)
         if folder.exists():
             raise ConfigError(f"A model named {name!r} already exists.", "Open it, or pick another name.")
-        config = TrainConfig(model_name=name, source_checkpoint=self._resolve_source(source_checkpoint),
-                             output_dir=str(self.checkpoints_dir / name))
+        source = self._resolve_source(source_checkpoint)
+        config = starting_settings(TrainConfig(model_name=name, source_checkpoint=source,
+                                               output_dir=str(self.checkpoints_dir / name)))
         self.save_config(config)
         return config
 

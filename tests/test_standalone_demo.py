@@ -8,7 +8,9 @@ from pathlib import Path
 import yaml
 from supervisor_fakes import write_fake_engine
 
+from dreambooth.config import TrainConfig
 from dreambooth.demo.run import DEMO_CHECKPOINT
+from dreambooth.demo.settings import settings
 from dreambooth.host.standalone import DEMO_TITLE, StandaloneHost, install_demo_model
 from dreambooth.supervisor import Supervisor
 from dreambooth.ui.tab import build_tab
@@ -42,7 +44,7 @@ def test_a_models_folder_with_checkpoints_is_left_alone(tmp_path, tokenizer_dir)
     assert sorted(p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*")) == ["sub", "sub/mine.ckpt"]
 
 
-def test_the_new_model_form_starts_from_the_demo_model_at_its_resolution(tmp_path, tokenizer_dir):
+def test_the_new_model_form_starts_from_the_demo_model_with_the_demos_training_settings(tmp_path, tokenizer_dir):
     models = tmp_path / "models"
     install_demo_model(models / "Stable-diffusion", str(tokenizer_dir))
     tab = _tab(models, tmp_path)
@@ -55,6 +57,10 @@ def test_the_new_model_form_starts_from_the_demo_model_at_its_resolution(tmp_pat
     saved = json.loads((models / "dreambooth" / "shapes" / "config.json").read_text())
     assert saved["resolution"] == 64
     assert Path(saved["source_checkpoint"]) == models / "Stable-diffusion" / DEMO_TITLE
+    demo = settings(quick=False)  # what `python -m dreambooth demo` trains with, not SD 1.5's defaults
+    assert (saved["learning_rate"], saved["text_encoder_lr"], saved["max_steps"], saved["batch_size"]) == (
+        demo.learning_rate, demo.text_encoder_lr, demo.steps, demo.batch_size)
+    assert saved["train_text_encoder"] and saved["prior_loss_weight"] == demo.prior_loss_weight
 
 
 def test_nothing_is_preselected_when_the_demo_model_is_not_listed(tmp_path):
@@ -67,6 +73,7 @@ def test_nothing_is_preselected_when_the_demo_model_is_not_listed(tmp_path):
     tab.create_model("other", "base.safetensors")  # no header to read: the default resolution stays
     saved = json.loads((models / "dreambooth" / "other" / "config.json").read_text())
     assert saved["resolution"] == 512
+    assert saved["learning_rate"] == TrainConfig().learning_rate != settings(quick=False).learning_rate
 
 
 def test_the_app_offers_the_demo_model_on_an_empty_models_folder(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ import torch
 from . import shapes
 from .evaluate import Verdict, judge_batch
 from .sampling import sample_images
+from .settings import DemoSettings, settings, training_values
 
 MODEL_DIR = Path(__file__).parent / "model"
 DEMO_CHECKPOINT = MODEL_DIR / "shapes-sd1.safetensors"
@@ -36,32 +37,6 @@ INSTANCE_PROMPT = "a zwx shape"
 CLASS_PROMPT = "a shape"
 CONTEXT_PROMPT = "a zwx shape on a green background"
 CONTEXT_BACKGROUND = "green"
-
-
-@dataclass
-class DemoSettings:
-    """The knobs of one demo run; :func:`settings` gives the default and the quick (CI) ones."""
-
-    steps: int = 800
-    learning_rate: float = 1e-4
-    batch_size: int = 2
-    num_class_images: int = 32
-    class_steps: int = 15
-    samples: int = 32  # per prompt and model
-    sample_steps: int = 15
-    guidance: float = 5.0
-    train_text_encoder: bool = True
-    text_encoder_lr: float = 1e-4
-    prior_loss_weight: float = 0.1
-    captions: bool = False  # instance captions that name the background: "a zwx shape on a white background"
-    device: str = "cpu"
-    engine_options: dict[str, Any] = field(default_factory=dict)  # more TrainConfig values, e.g. the speed switches
-
-
-def settings(quick: bool) -> DemoSettings:
-    """Default settings (the README's numbers) or the reduced ones the CI test runs."""
-    return DemoSettings(num_class_images=16, samples=16, sample_steps=10, class_steps=10) if quick \
-        else DemoSettings()
 
 
 @dataclass
@@ -159,11 +134,8 @@ def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_di
                       class_infer_steps=options.class_steps, class_seed=seed)
     values = dict(
         model_name=model_name, source_checkpoint=str(checkpoint), model_config_dir=str(config_dir),
-        concepts=[concept], resolution=shapes.IMAGE_SIZE, max_steps=options.steps, batch_size=options.batch_size,
-        learning_rate=options.learning_rate, lr_scheduler="constant", train_text_encoder=options.train_text_encoder,
-        text_encoder_lr=options.text_encoder_lr, prior_preservation=prior, prior_loss_weight=options.prior_loss_weight,
-        save_every=0, device=options.device,
-        mixed_precision="no", seed=seed)
+        concepts=[concept], resolution=shapes.IMAGE_SIZE, **training_values(options), prior_preservation=prior,
+        save_every=0, device=options.device, mixed_precision="no", seed=seed)
     return TrainConfig(**{**values, **options.engine_options})
 
 

@@ -280,20 +280,27 @@ def embedded_config(path: Path) -> dict[str, dict] | None:
 def declared_resolution(path: Path) -> int | None:
     """The training resolution an SD 1.x single file declares in its header (``modelspec.resolution``, e.g.
     64 for the demo model), or None: not a safetensors file, no such entry, or not square SD 1.x."""
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return None
-    try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= 100_000_000:
-                return None
-            metadata = json.loads(handle.read(size)).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return None
+    metadata = header_metadata(path)
     if not str(metadata.get("modelspec.architecture", "")).startswith("stable-diffusion-v1"):
         return None
     width, _, height = str(metadata.get("modelspec.resolution", "")).partition("x")
     return int(width) if width.isdigit() and width == height else None
+
+
+def header_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file's header, read without loading a tensor; empty for anything
+    else (another format, an unreadable or malformed file)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return {}
+            metadata = json.loads(handle.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def read_config_folder(folder: Path) -> dict[str, dict]:

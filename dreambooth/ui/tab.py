@@ -254,24 +254,10 @@ class DreamBoothTab:
     def create_model(self, name: str, source: str | None) -> list[Any]:
         """Make a new model folder from a host checkpoint and show its default settings."""
         try:
-            config = self._at_declared_resolution(self.supervisor.create_model((name or "").strip(), source or ""))
+            config = self.supervisor.create_model((name or "").strip(), source or "")
         except DreamBoothError as exc:
             return self._unchanged_fill(_error_text(exc))
         return self._fill(config, f"Created **{config.model_name}** from `{Path(config.source_checkpoint).name}`.")
-
-    def _at_declared_resolution(self, config: TrainConfig) -> TrainConfig:
-        """A new model trains at the resolution its source declares (64 for the demo model), when that is valid."""
-        from ..models.load import declared_resolution
-
-        declared = declared_resolution(Path(config.source_checkpoint))
-        if declared is None or declared == config.resolution:
-            return config
-        try:
-            adjusted = TrainConfig.from_dict({**config.to_dict(), "resolution": declared})
-        except ConfigError:
-            return config
-        self.supervisor.save_config(adjusted)
-        return adjusted
 
     def show_concepts(self, count: float) -> list[Any]:
         """Show the first ``count`` concept panels."""
