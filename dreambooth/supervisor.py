@@ -92,11 +92,11 @@ def starting_settings(config: TrainConfig) -> TrainConfig:
     from .demo.settings import DEMO_MODEL_TITLE, settings, training_values
     from .models.load import declared_resolution, header_metadata
 
-    source = Path(config.source_checkpoint)
+    metadata = header_metadata(Path(config.source_checkpoint))
     values: dict[str, Any] = {}
-    if (resolution := declared_resolution(source)) and resolution != config.resolution:
+    if (resolution := declared_resolution(metadata)) and resolution != config.resolution:
         values["resolution"] = resolution
-    if header_metadata(source).get("modelspec.title") == DEMO_MODEL_TITLE:
+    if metadata.get("modelspec.title") == DEMO_MODEL_TITLE:
         values.update(training_values(settings(quick=False)))
     if not values:
         return config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dreambooth.config import TrainConfig
-from dreambooth.train.optim import adam_arguments, build_optimizer, keep_kernel_choice
+from dreambooth.train.optim import adam_arguments, build_optimizer, load_keeping_kernel
 
 
 def _weights(seed: int) -> list[torch.nn.Parameter]:
@@ -63,6 +63,6 @@ def test_a_resume_point_from_another_kernel_resumes_on_this_builds_kernel():
     _train(old, weights)
     optimizer = build_optimizer(TrainConfig(), [{"params": weights, "lr": 1e-3}])
     chosen = _kernel(optimizer)
-    keep_kernel_choice(optimizer, lambda: optimizer.load_state_dict(old.state_dict()))
+    load_keeping_kernel(optimizer, old.state_dict())
     assert _kernel(optimizer) == chosen != _kernel(old)
     assert optimizer.state[weights[0]]["step"] == 5  # the moments came back

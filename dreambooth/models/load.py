@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -277,10 +278,10 @@ def embedded_config(path: Path) -> dict[str, dict] | None:
     return configs
 
 
-def declared_resolution(path: Path) -> int | None:
-    """The training resolution an SD 1.x single file declares in its header (``modelspec.resolution``, e.g.
-    64 for the demo model), or None: not a safetensors file, no such entry, or not square SD 1.x."""
-    metadata = header_metadata(path)
+def declared_resolution(metadata: Mapping[str, Any]) -> int | None:
+    """The training resolution an SD 1.x single file declares in its header's ``metadata``
+    (:func:`header_metadata`; ``modelspec.resolution``, e.g. 64 for the demo model), or None: no such entry, or not
+    square SD 1.x."""
     if not str(metadata.get("modelspec.architecture", "")).startswith("stable-diffusion-v1"):
         return None
     width, _, height = str(metadata.get("modelspec.resolution", "")).partition("x")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -42,12 +42,12 @@ def torch_adamw(groups: list[dict], arguments: dict) -> torch.optim.AdamW:
         return torch.optim.AdamW([dict(g) for g in groups], **arguments, foreach=True)
 
 
-def keep_kernel_choice(optimizer: torch.optim.Optimizer, load: Callable[[], None]) -> None:
-    """Run ``load`` (a ``load_state_dict``) and give the groups back this build's ``fused``/``foreach`` flags: a
+def load_keeping_kernel(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, with the groups keeping this build's ``fused``/``foreach`` flags: a
     resume point saved by another version or device would otherwise bring its own (a CPU snapshot from before
     the fused kernel resumes on the slow loop; a non-fused one under an fp16 GradScaler fails)."""
     flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    load()
+    optimizer.load_state_dict(state)
     for group, kept in zip(optimizer.param_groups, flags):
         group.update(kept)
 

@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from ..config import TrainConfig
-from .optim import adam_arguments, build_lr_scheduler, build_optimizer, keep_kernel_choice, trainable
+from .optim import adam_arguments, build_lr_scheduler, build_optimizer, load_keeping_kernel, trainable
 from .parallel import Parallel
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
@@ -119,7 +119,7 @@ class Updater:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
-        keep_kernel_choice(self.torch_optimizer, lambda: self.torch_optimizer.load_state_dict(state["torch"]))
+        load_keeping_kernel(self.torch_optimizer, state["torch"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.flat_optimizer is not None:
             self.flat_optimizer.load_state_dict(state["flat"])

@@ -79,6 +79,15 @@ def adamw_update_(
     copy_stochastic_(exp_avg_sq, v)
 
 
+def clip_scale(grad: torch.Tensor, max_grad_norm: float | None, one: torch.Tensor) -> torch.Tensor:
+    """The factor that scales ``grad`` to a norm of at most ``max_grad_norm`` (a 0-d device tensor, no host
+    sync); ``one`` when clipping is off."""
+    if not max_grad_norm:
+        return one
+    norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+    return torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+
+
 class FlatAdamW:
     """AdamW on a :class:`FlatParameters`; ``state_dtype`` fp32 (exact moments) or bf16 (half the memory)."""
 
@@ -133,11 +142,7 @@ class FlatAdamW:
         """One step over the whole flat gradient (clipped to ``max_grad_norm`` first when set), then zero it."""
         assert self.flat.grad is not None, "FlatAdamW.step needs FlatParameters(with_grad_buffer=True)"
         self.begin_step()
-        scale = self._one
-        if self.max_grad_norm:
-            norm = torch.linalg.vector_norm(self.flat.grad, dtype=torch.float32)
-            scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        self.update_range(0, self.flat.numel, self.flat.grad, scale)
+        self.update_range(0, self.flat.numel, self.flat.grad, clip_scale(self.flat.grad, self.max_grad_norm, self._one))
         self.flat.zero_grad()
 
     def state_dict(self) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw import CompiledUpdate, adamw_arithmetic
+from .adamw import CompiledUpdate, adamw_arithmetic, clip_scale
 from .flat import FlatParameters
 from .rounding import copy_stochastic_
 
@@ -161,10 +161,7 @@ class FlatAdamW8bit:
         """One step over the whole flat gradient (clipped to ``max_grad_norm`` first when set), then zero it."""
         assert self.flat.grad is not None, "FlatAdamW8bit.step needs FlatParameters(with_grad_buffer=True)"
         self.begin_step()
-        scale = self._one
-        if self.max_grad_norm:
-            norm = torch.linalg.vector_norm(self.flat.grad, dtype=torch.float32)
-            scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        scale = clip_scale(self.flat.grad, self.max_grad_norm, self._one)
         for start in range(0, self.flat.numel, CHUNK):  # fp32 copies of one chunk at a time, not 2 × 3.4 GB
             stop = min(start + CHUNK, self.flat.numel)
             self.update_range(start, stop, self.flat.grad[start:stop], scale)
