@@ -3,7 +3,7 @@
 block by block, compiled whole) and one optimizer step over all 859.5 M UNet weights (each optimizer variant).
 
     python bench/micro.py --model /tmp/dreambooth-bench/sd15 [--batches 1 8] [--unet eager blocks full] [--optim]
-        [--cudnn-first] [--cudnn-benchmark] [--profile]
+        [--cudnn-first] [--cudnn-benchmark] [--fp8] [--profile]
 """
 
 from __future__ import annotations
@@ -40,8 +40,53 @@ def cudnn_first(enabled: bool) -> Iterator[None]:
         yield
 
 
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("layout conversion", ("nchwtonhwc", "nhwctonchw")),
+    ("group norm (compiled)", ("group_norm", "var_mean")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "conv")),
+    ("matrix product", ("nvjet", "gemm", "cutlass", "scaled_mm", "sm90_xmma")),
+    ("compiled (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The coarse kind of a GPU kernel, from its name (first match in :data:`KERNEL_KINDS`)."""
+    lowered = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(mark in lowered for mark in marks):
+            return kind
+    return "other (eager elementwise, reductions)"
+
+
+def gpu_kernels(prof) -> list:
+    """The profile's GPU kernels, costliest first (the CPU side of a launch can carry the same name)."""
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(kernels, key=lambda e: -e.self_device_time_total)
+
+
+def print_kernel_kinds(prof) -> None:
+    """GPU milliseconds and kernel counts per :func:`kernel_kind`."""
+    totals: dict[str, list[float]] = {}
+    for event in gpu_kernels(prof):
+        us = event.self_device_time_total
+        entry = totals.setdefault(kernel_kind(event.key), [0.0, 0])
+        entry[0] += us / 1e3
+        entry[1] += event.count
+    whole = sum(ms for ms, _ in totals.values())
+    for kind, (ms, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {kind:40s} {ms:8.1f} ms {ms / whole:6.1%} {count:6d} kernels")
+
+
 def unet_case(
-    model_dir: Path, batch: int, variant: str, checkpointing: bool, profile: bool = False, channels_last: bool = True
+    model_dir: Path,
+    batch: int,
+    variant: str,
+    checkpointing: bool,
+    profile: bool = False,
+    channels_last: bool = True,
+    fp8: bool = False,
+    group_norm: str = "native",
 ) -> None:
     """Print compile seconds and median fwd+bwd milliseconds of one variant."""
     from diffusers import UNet2DConditionModel
@@ -53,6 +98,14 @@ def unet_case(
     unet.train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
+    if fp8:
+        from fp8_linear import use_fp8_linears
+
+        use_fp8_linears(unet)
+    if group_norm != "native":
+        from dreambooth.train.speed.layout import channels_last_group_norms
+
+        channels_last_group_norms(unet)
     model = unet
     if variant == "blocks":
         compile_blocks(unet)
@@ -84,16 +137,24 @@ def unet_case(
     ips = n / ms * 1e3
     peak = torch.cuda.max_memory_allocated() / 1e9
     print(
-        f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}{'' if channels_last else ' nchw'}: "
+        f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}{'' if channels_last else ' nchw'}"
+        f"{' fp8' if fp8 else ''}{'' if group_norm == 'native' else ' gn-' + group_norm}: "
         f"first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
         f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB",
         flush=True,
     )
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities) as prof:
             step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+        for e in gpu_kernels(prof)[:25]:
+            print(f"  kernel {e.self_device_time_total / 1e3:7.2f} ms {e.count:5d}  {e.key[:110]}")
+        cuda = torch.autograd.DeviceType.CUDA
+        aten = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.device_type != cuda]
+        for e in sorted(aten, key=lambda e: -e.self_device_time_total)[:12]:  # kernels each op launched itself
+            print(f"  aten-op {e.self_device_time_total / 1e3:7.2f} ms {e.count:5d}  {e.key}")
+        print_kernel_kinds(prof)
 
 
 def optim_cases(model_dir: Path) -> None:
@@ -164,7 +225,11 @@ def main() -> None:
     ap.add_argument("--cudnn-first", action="store_true", help="SDPA tries cuDNN's attention first")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms first")
-    ap.add_argument("--profile", action="store_true", help="print the UNet step's 15 costliest GPU kernels")
+    ap.add_argument("--fp8", action="store_true", help="the transformer blocks' token-wise linears in fp8")
+    ap.add_argument(
+        "--group-norm", choices=["native", "channels-last"], default="native", help="ChannelsLastGroupNorm or not"
+    )
+    ap.add_argument("--profile", action="store_true", help="print the UNet step's costliest GPU kernels and kinds")
     a = ap.parse_args()
     with cudnn_first(a.cudnn_first):
         run_cases(a)
@@ -179,7 +244,7 @@ def run_cases(a: argparse.Namespace) -> None:
         optim_cases(a.model)
     for batch in a.batches:
         for variant in a.unet:
-            unet_case(a.model, batch, variant, a.checkpointing, a.profile, a.channels_last)
+            unet_case(a.model, batch, variant, a.checkpointing, a.profile, a.channels_last, a.fp8, a.group_norm)
             torch.cuda.empty_cache()
 
 

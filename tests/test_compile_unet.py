@@ -16,6 +16,21 @@ from dreambooth.errors import Cancelled
 from dreambooth.events import CANCEL_FILE, Events
 from dreambooth.train import loop
 from dreambooth.train.loop import _cancel_checks_between_blocks
+from dreambooth.train.speed.layout import ChannelsLastGroupNorm
+
+
+@pytest.fixture
+def channels_last_norms(monkeypatch) -> list[bool]:
+    """Each call of ChannelsLastGroupNorm (traced or run): whether its input was channels-last."""
+    calls: list[bool] = []
+    forward = ChannelsLastGroupNorm.forward
+
+    def counting(self, x):
+        calls.append(x.is_contiguous(memory_format=torch.channels_last))
+        return forward(self, x)
+
+    monkeypatch.setattr(ChannelsLastGroupNorm, "forward", counting)
+    return calls
 
 
 def _train(make_config, model_dir, on_event=None, **options) -> tuple[dict | None, list[float], list[str]]:
@@ -36,18 +51,21 @@ def _frames_compiled(make_config, folder, **options) -> tuple[int, dict | None, 
     return counters["frames"]["ok"], started, losses, warnings
 
 
-def test_the_compiled_unet_trains_as_the_plain_one(make_config, tmp_path):
+def test_the_compiled_unet_trains_as_the_plain_one(make_config, tmp_path, channels_last_norms):
+    """Channels-last (the default), so the compiled blocks normalise with ChannelsLastGroupNorm."""
     plain, plain_losses, _ = _train(make_config, tmp_path / "plain")
+    assert channels_last_norms == []
     frames, compiled, compiled_losses, warnings = _frames_compiled(make_config, tmp_path / "compiled")
     assert plain["compiled_blocks"] == 0
     assert compiled["compiled_blocks"] > 0, warnings
     assert frames >= compiled["compiled_blocks"] // 2  # really compiled: not wrapped and then run eagerly
     assert compiled["compile_s"] > 0
+    assert channels_last_norms and all(channels_last_norms)
     assert len(compiled_losses) == len(plain_losses) == 3
     assert torch.allclose(torch.tensor(compiled_losses), torch.tensor(plain_losses), rtol=1e-3, atol=1e-5)
 
 
-def test_a_unet_that_cannot_compile_trains_as_usual(make_config, tmp_path, monkeypatch):
+def test_a_unet_that_cannot_compile_trains_as_usual(make_config, tmp_path, monkeypatch, channels_last_norms):
     def broken_compile(self, *args, **kwargs):
         def fails(*a, **k):
             raise RuntimeError("Compiler: cl is not found.\nmore detail")
@@ -60,6 +78,7 @@ def test_a_unet_that_cannot_compile_trains_as_usual(make_config, tmp_path, monke
     assert started["compiled_blocks"] == 0
     assert any("could not be compiled (RuntimeError: Compiler: cl is not found.)" in w for w in warnings), warnings
     assert losses == plain_losses
+    assert channels_last_norms == []  # the plain group norms are back
 
 
 def test_a_torch_without_module_compile_trains_as_usual(make_config, tmp_path, monkeypatch):

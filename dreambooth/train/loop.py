@@ -24,7 +24,15 @@ from ..events import Events
 from ..models.components import Components
 from .loss import add_noise, dreambooth_loss, min_snr_weights
 from .parallel import Parallel
-from .speed.layout import blocks_uncompiled, compile_blocks, graph_denoiser, to_channels_last, uncompile_blocks
+from .speed.layout import (
+    blocks_uncompiled,
+    channels_last_group_norms,
+    compile_blocks,
+    graph_denoiser,
+    plain_group_norms,
+    to_channels_last,
+    uncompile_blocks,
+)
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
 from .state import latest_snapshot, restore_snapshot, save_snapshot
@@ -299,15 +307,18 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
     try:
         if not run.parallel.active:  # several processes stop together, at the training loop's agreed cancel
             checks = _cancel_checks_between_blocks(unet, run.cancel_requested)
+        channels_last_group_norms(unet)
         count = compile_blocks(unet)
         with autocast:
             prediction = unet(sample, example["timesteps"], context).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
     except Cancelled:
         uncompile_blocks(unet)
+        plain_group_norms(unet)
         raise
     except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
         uncompile_blocks(unet)
+        plain_group_norms(unet)
         run.events.emit("warning", message=f"The UNet could not be compiled ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it runs as usual.")
         return 0
