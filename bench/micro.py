@@ -24,7 +24,12 @@ from timing import timed
 
 from dreambooth.train.speed.adamw import FlatAdamW
 from dreambooth.train.speed.flat import FlatParameters
-from dreambooth.train.speed.layout import compile_blocks, graph_denoiser, to_channels_last
+from dreambooth.train.speed.layout import (
+    channels_last_group_norms,
+    compile_blocks,
+    graph_denoiser,
+    to_channels_last,
+)
 
 
 @contextlib.contextmanager
@@ -102,13 +107,11 @@ def unet_case(
         from fp8_linear import use_fp8_linears
 
         use_fp8_linears(unet)
-    if group_norm != "native":
-        from dreambooth.train.speed.layout import channels_last_group_norms
-
-        channels_last_group_norms(unet)
     model = unet
     if variant == "blocks":
         compile_blocks(unet)
+        if group_norm != "native":  # as the engine does: the compiled blocks' norms only
+            channels_last_group_norms(unet)
     elif variant == "full":
         model = torch.compile(unet, dynamic=False)
     n = 2 * batch
@@ -227,7 +230,10 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms first")
     ap.add_argument("--fp8", action="store_true", help="the transformer blocks' token-wise linears in fp8")
     ap.add_argument(
-        "--group-norm", choices=["native", "channels-last"], default="native", help="ChannelsLastGroupNorm or not"
+        "--group-norm",
+        choices=["native", "channels-last"],
+        default="native",
+        help="channels-last: the compiled blocks' norms are ChannelsLastGroupNorm (--unet blocks only)",
     )
     ap.add_argument("--profile", action="store_true", help="print the UNet step's costliest GPU kernels and kinds")
     a = ap.parse_args()

@@ -367,9 +367,9 @@ class TrainConfig:
         label="Channels-last layout",
         group="Memory and speed",
         help="Store the UNet's convolution weights and activations channels-last: on an H100 17% faster at batch 1 "
-        "and 10% slower at batch 16; with compile_unet, whose group norms then run in channels-last order, the faster "
-        "layout at large batches too (H200, batch 32: 139.1 against 137.2 images/s). Turn it off for large batches "
-        "without compile_unet.",
+        "and 10% slower at batch 16; with compile_unet, whose group norms then run in channels-last order, on par or "
+        "slightly faster at large batches too (H200, batch 32: 139.1 against 137.2 images/s). Turn it off for large "
+        "batches without compile_unet.",
     )
     cuda_graphs: bool = option(
         True,

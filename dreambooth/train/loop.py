@@ -307,8 +307,8 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
     try:
         if not run.parallel.active:  # several processes stop together, at the training loop's agreed cancel
             checks = _cancel_checks_between_blocks(unet, run.cancel_requested)
-        channels_last_group_norms(unet)
         count = compile_blocks(unet)
+        channels_last_group_norms(unet)
         with autocast:
             prediction = unet(sample, example["timesteps"], context).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)

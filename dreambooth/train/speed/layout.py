@@ -84,13 +84,17 @@ def uncompile_blocks(module: torch.nn.Module) -> dict[torch.nn.Module, object]:
 
 @contextlib.contextmanager
 def blocks_uncompiled(module: torch.nn.Module) -> Iterator[None]:
-    """Inside, compiled blocks run their plain forward (calls of other shapes compile nothing); after, compiled."""
+    """Inside, compiled blocks run their plain forward (calls of other shapes compile nothing) with plain group
+    norms (:class:`ChannelsLastGroupNorm` is written for the compiler); after, as before."""
     undone = uncompile_blocks(module)
+    norms = plain_group_norms(module)
     try:
         yield
     finally:
         for child, compiled in undone.items():
             child._compiled_call_impl = compiled
+        for norm in norms:
+            norm.__class__ = ChannelsLastGroupNorm
 
 
 def _allow_recompiles(count: int) -> None:
@@ -124,14 +128,14 @@ def graph_denoiser(
     return torch.cuda.make_graphed_callables(_Denoiser(unet), (sample, timesteps, context), num_warmup_iters=3)
 
 
-
 class ChannelsLastGroupNorm(torch.nn.GroupNorm):
     """``nn.GroupNorm`` computed in a channels-last input's own memory order, for compiled UNets: per-channel
     sums over the pixels first (each pixel's channels are contiguous, so the compiler's kernels read memory in
     order), then sums over each group's channels; the variance from the centred values (two passes, as exact as
     ``nn.GroupNorm``). The compiler's own group norm on channels-last input strides by the channel count and is
     what made channels-last compiled UNets slower than NCHW ones. Same parameters, state dict and result; other
-    inputs take ``nn.GroupNorm``'s path."""
+    inputs take ``nn.GroupNorm``'s path. Uncompiled it is several small operations instead of one: use it only
+    inside compiled code (:func:`channels_last_group_norms`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
@@ -148,22 +152,29 @@ class ChannelsLastGroupNorm(torch.nn.GroupNorm):
         y = centred * torch.rsqrt(group_mean(centred.square().sum(dim=1)) + self.eps)
         if self.affine:
             y = y * self.weight.float() + self.bias.float()
-        return y.to(x.dtype).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        cuda_autocast = x.device.type == "cuda" and torch.is_autocast_enabled()  # there group norm runs in fp32
+        return y.to(torch.float32 if cuda_autocast else x.dtype).reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def channels_last_group_norms(module: torch.nn.Module) -> int:
-    """Make every ``nn.GroupNorm`` in ``module`` a :class:`ChannelsLastGroupNorm` in place (the same parameter
-    objects); returns how many."""
-    count = 0
-    for child in module.modules():
-        if type(child) is torch.nn.GroupNorm:
-            child.__class__ = ChannelsLastGroupNorm
-            count += 1
-    return count
+def channels_last_group_norms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Make each ``nn.GroupNorm`` inside a block :func:`compile_blocks` compiled a :class:`ChannelsLastGroupNorm`
+    in place (the same parameter objects; norms outside compiled blocks stay plain); returns them."""
+    swapped = []
+    for block in module.modules():
+        if getattr(block, "_compiled_call_impl", None) is None:
+            continue
+        for child in block.modules():
+            if type(child) is torch.nn.GroupNorm:
+                child.__class__ = ChannelsLastGroupNorm
+                swapped.append(child)
+    return swapped
 
 
-def plain_group_norms(module: torch.nn.Module) -> None:
-    """Undo :func:`channels_last_group_norms`."""
+def plain_group_norms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Undo :func:`channels_last_group_norms`; returns the norms it made plain again."""
+    restored = []
     for child in module.modules():
         if type(child) is ChannelsLastGroupNorm:
             child.__class__ = torch.nn.GroupNorm
+            restored.append(child)
+    return restored
