@@ -312,13 +312,11 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
         with autocast:
             prediction = unet(sample, example["timesteps"], context).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
-    except Cancelled:
-        uncompile_blocks(unet)
-        plain_group_norms(unet)
-        raise
     except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
         uncompile_blocks(unet)
         plain_group_norms(unet)
+        if isinstance(exc, Cancelled):
+            raise
         run.events.emit("warning", message=f"The UNet could not be compiled ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it runs as usual.")
         return 0
