@@ -122,7 +122,7 @@ def unet_case(
     c = torch.randn(n, 77, 768, device="cuda", dtype=torch.bfloat16)
 
     if variant == "graphed":
-        graphed = graph_denoiser(unet, x, t, c)
+        graphed = graph_denoiser(unet, x, t, {"context": c})
 
         def model(x, t, c, return_dict=False):
             return (graphed(x, t, c),)

@@ -176,7 +176,7 @@ def main() -> None:
         x0 = torch.randn(shape, device=device, dtype=weight_dtype).contiguous(memory_format=memory_format)
         t0 = torch.randint(0, 1000, (2 * b,), device=device)
         started = time.time()
-        denoise = graph_denoiser(unet, x0, t0, cond)
+        denoise = graph_denoiser(unet, x0, t0, {"context": cond})
         clock.mark("graph_s", time.time() - started)
         print(f"captured CUDA graphs in {clock.marks['graph_s']:.1f} s", flush=True)
 

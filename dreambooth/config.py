@@ -133,7 +133,15 @@ class TrainConfig:
         "",
         label="Source checkpoint",
         group="Model",
-        help="Stable Diffusion 1.x single file (.safetensors/.ckpt) or diffusers folder to start from.",
+        help="SD 1.x, SD 2.x or SDXL single file (.safetensors/.ckpt) or diffusers folder to start from.",
+    )
+    prediction_type: str = option(
+        "auto",
+        label="Prediction type",
+        group="Model",
+        choices=("auto", "epsilon", "v_prediction"),
+        help="What the source's UNet predicts: 'auto' reads the file's header (or, for SD 2.x, tests the UNet as "
+        "the web UI does); set it for a v-prediction model that does not say so.",
     )
     tokenizer_dir: str = option(
         "",
@@ -261,6 +269,20 @@ class TrainConfig:
         minimum=0.0,
         maximum=1.0,
         help="Fraction of the run after which the text encoder is frozen.",
+    )
+    train_text_encoder_2: bool = option(
+        False,
+        label="Train second text encoder",
+        group="Text encoder",
+        help="SDXL: also fine-tune its second text encoder (OpenCLIP ViT-bigG, 695M weights; much more memory).",
+    )
+    text_encoder_2_lr: float = option(
+        1e-6,
+        label="Second text encoder learning rate",
+        group="Text encoder",
+        minimum=0.0,
+        maximum=1.0,
+        help="SDXL: peak learning rate of the second text encoder.",
     )
 
     optimizer: str = option(
@@ -688,7 +710,7 @@ def validate_for_training(config: TrainConfig) -> list[str]:
             "Adafactor runs on fp32 weights with the plain optimizer step.",
             "Pick adamw or adamw_8bit, or set 'weights_dtype' to fp32 and 'optimizer_in_backward' off.",
         )
-    if config.train_text_encoder and config.cache_text_embeddings:
+    if (config.train_text_encoder or config.train_text_encoder_2) and config.cache_text_embeddings:
         warnings.append("Text embeddings are not cached while the text encoder trains.")
     return warnings
 

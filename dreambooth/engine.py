@@ -107,11 +107,15 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
             model_dir / "cache",
             config.tokenizer_dir,
             config.model_config_dir,
+            config.prediction_type,
         )
         components = loaded.components
-        components.unet.to(device)
-        components.text_encoder.to(device)
-        components.vae.to(device)
+        events.emit("status", message=f"{loaded.family.label} model, predicting {components.prediction_type}")
+        if config.train_text_encoder_2 and "text_encoder_2" not in components.text_encoders:
+            events.emit("warning", message=f"train_text_encoder_2 is on, but a {loaded.family.label} model has one "
+                        "text encoder; it is ignored.")
+        for module in components.models.values():
+            module.to(device)
 
         classes = _class_examples(config, loaded, model_dir, device, events, cancel_requested, min_side)
         if cancel_requested():
@@ -121,8 +125,9 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         components.unet.to(weights_dtype)
         if config.gradient_checkpointing:
             enable_checkpointing(components.unet)
-            if config.train_text_encoder:
-                components.text_encoder.gradient_checkpointing_enable()
+            for name, module in components.text_encoders.items():
+                if {"text_encoder": config.train_text_encoder, "text_encoder_2": config.train_text_encoder_2}[name]:
+                    module.gradient_checkpointing_enable()
 
         latents = ImageLatents(
             components.vae,
@@ -147,10 +152,10 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
     if config.cache_latents and not config.center_crop:
         events.emit("warning", message="Random crops change every step, so latents are not cached.")
     prompts = PromptEmbeddings(
-        components.tokenizer,
-        components.text_encoder,
+        loaded.family,
+        components,
         device,
-        config.cache_text_embeddings and not config.train_text_encoder,
+        config.cache_text_embeddings and not (config.train_text_encoder or config.train_text_encoder_2),
     )
 
     helpers = _FrozenHelpers(components, device)
@@ -174,6 +179,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
             fingerprint={
                 "source_id": loaded.source_id,
                 "train_text_encoder": config.train_text_encoder,
+                **({"train_text_encoder_2": True} if config.train_text_encoder_2 else {}),
                 "optimizer": config.optimizer,
                 "seed": config.seed,
                 # another process count draws other batches: its resume point does not continue this run
@@ -193,11 +199,11 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
 
 
 class _FrozenHelpers:
-    """The VAE and the frozen text encoder: parked in CPU memory while training needs neither, lent back to the
-    GPU for sample previews (about 0.8 GB of GPU memory at SD 1.5 size)."""
+    """The VAE and the frozen text encoders: parked in CPU memory while training needs none of them, lent back to
+    the GPU for sample previews (about 0.8 GB of GPU memory at SD 1.5 size, 1.7 GB at SDXL's)."""
 
     def __init__(self, components, device: torch.device) -> None:
-        self.modules = (components.vae, components.text_encoder)
+        self.modules = (components.vae, *components.text_encoders.values())
         self.device = device
         self.parked = False
 
@@ -318,7 +324,7 @@ def _class_examples(
         if missing > 0:
             events.emit("status", message=f"Generating {missing} class images for concepts[{i}]")
             paths += generate_class_images(
-                lambda: inference_pipeline(loaded.components),
+                lambda: inference_pipeline(loaded.family, loaded.components),
                 concept,
                 folder,
                 missing,
@@ -342,12 +348,14 @@ def _class_examples(
 
 def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:
     """Write the checkpoint of ``step``; a model of non-stock shape gets its configs in the header and, first
-    (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from."""
+    (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from when its family
+    needs one there."""
     from .models.export import config_metadata
-    from .models.host_yaml import web_ui_cannot_build, write_host_yaml
+    from .models.host_yaml import write_host_yaml
 
+    family, prediction = loaded.family, loaded.components.prediction_type
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
-    tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype])
+    tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[config.save_dtype], family)
     training = {
         "extension": f"dreambooth {__version__}",
         "base_model": Path(config.source_checkpoint).name,
@@ -360,28 +368,22 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
         "resolution": config.resolution,
         "seed": config.seed,
     }
-    metadata = modelspec(
-        loaded.family,
-        loaded.components.prediction_type,
-        config.resolution,
-        f"{config.model_name} (step {step})",
-        training,
-    )
+    metadata = modelspec(family, prediction, config.resolution, f"{config.model_name} (step {step})", training)
     metadata.update(config_metadata(loaded.diffusers_config))
-    yaml_existed = path.with_suffix(".yaml").exists()
-    if loaded.diffusers_config is not None and loaded.family == "sd1":
-        problems = web_ui_cannot_build(loaded.diffusers_config)
-        if problems:
-            path.with_suffix(".yaml").unlink(missing_ok=True)  # one an older version wrote would fail in the web UI
-            events.emit("warning", message=f"{path.name} gets no .yaml: the web UI cannot build this model, because "
-                        f"{'; '.join(problems)}. Diffusers and this extension load it.")
-        else:
-            write_host_yaml(path, loaded.diffusers_config, tokenizer_dir=config.tokenizer_dir)
+    yaml_path = path.with_suffix(".yaml")
+    yaml_existed = yaml_path.exists()
+    problems = family.host_yaml_problems(loaded.diffusers_config, prediction)
+    if problems:
+        yaml_path.unlink(missing_ok=True)  # one an older version wrote would fail in the web UI
+        events.emit("warning", message=f"{path.name} gets no .yaml: the web UI cannot build this model, because "
+                    f"{'; '.join(problems)}. Diffusers and this extension load it.")
+    elif problems is not None:
+        write_host_yaml(path, loaded.diffusers_config, tokenizer_dir=config.tokenizer_dir)
     try:
         save_checkpoint(path, tensors, metadata)
     except BaseException:
         if not yaml_existed:  # no new yaml without its checkpoint
-            path.with_suffix(".yaml").unlink(missing_ok=True)
+            yaml_path.unlink(missing_ok=True)
         raise
     events.emit("checkpoint_saved", step=step, path=str(path))
     return path
@@ -390,6 +392,7 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
 def _samples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, step: int) -> list[Path]:
     prompts = [p for c in config.concepts for p in c.sample_prompts] or [config.concepts[0].instance_prompt]
     return render_samples(
+        loaded.family,
         loaded.components,
         prompts,
         config.sample_negative_prompt,

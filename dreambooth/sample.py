@@ -9,21 +9,19 @@ import torch
 
 from .fileio import write_atomic
 from .models.components import Components
+from .models.families import ModelFamily
 
 
-def inference_pipeline(components: Components):
-    """A diffusers text-to-image pipeline over the given components (no safety checker), with a DDIM sampler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def inference_pipeline(family: ModelFamily, components: Components):
+    """The family's diffusers text-to-image pipeline over the given components (no safety checker), with a DDIM
+    sampler."""
+    import diffusers
+    from diffusers import DDIMScheduler
 
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
+    pipeline = getattr(diffusers, family.pipeline_class)(
+        **family.pipeline_components(components),
         scheduler=DDIMScheduler.from_config(components.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **family.pipeline_extras(),
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -31,6 +29,7 @@ def inference_pipeline(components: Components):
 
 @torch.no_grad()
 def render_samples(
+    family: ModelFamily,
     components: Components,
     prompts: list[str],
     negative_prompt: str,
@@ -42,10 +41,11 @@ def render_samples(
     step: int,
 ) -> list[Path]:
     """Render one image per prompt with a fixed seed and write ``out_dir/step_<N>_<i>.png``."""
-    pipeline = inference_pipeline(components)
-    was_training = components.unet.training, components.text_encoder.training
-    components.unet.eval()
-    components.text_encoder.eval()
+    pipeline = inference_pipeline(family, components)
+    models = {"unet": components.unet, **components.text_encoders}
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
     paths = []
     unet_dtype = next(components.unet.parameters()).dtype
     device = next(components.unet.parameters()).device
@@ -66,6 +66,6 @@ def render_samples(
                 write_atomic(out_dir / f"step_{step:06d}_{i}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
             )
     finally:
-        components.unet.train(was_training[0])
-        components.text_encoder.train(was_training[1])
+        for name, model in models.items():
+            model.train(was_training[name])
     return paths

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from dreambooth.config import ConfigError
 from dreambooth.engine import run
 from dreambooth.errors import DatasetError, ModelFormatError
-from dreambooth.models.read import detect_family, read_tensors
+from dreambooth.models.read import read_tensors
 
 
 def _error_event(events):
@@ -55,22 +56,70 @@ def test_a_missing_checkpoint_says_so(tmp_path, make_config, model_dir, events):
         run(make_config(source_checkpoint=str(tmp_path / "nope.safetensors")), model_dir, events)
 
 
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+SD1_TEXT = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+SD1 = {UNET_IN: (320, 4, 3, 3), SD1_TEXT: (49408, 768), "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}
+
+
 @pytest.mark.parametrize(
-    "keys,family_error",
+    "shapes,what,advice",
     [
-        (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SDXL"),
-        (["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out.2.bias"], "SD 2.x"),
-        (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
-        (["down_blocks.0.resnets.0.conv1.weight", "conv_in.weight"], "diffusers UNet"),
-        (
-            ["model.diffusion_model.out.2.bias", "cond_stage_model.transformer.text_model.final_layer_norm.bias"],
-            "no VAE",
-        ),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "a LoRA", "checkpoint it was"),
+        ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": (3072, 4)}, "a LoRA", "Lora tab"),
+        ({"unet.down_blocks.0.attentions.0.to_q.lora_A.weight": (4, 320)}, "a LoRA", "Lora tab"),
+        ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "Stable Diffusion 3",
+         "SD 1.x, SD 2.x or SDXL"),
+        ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux", "SD 1.x, SD 2.x or SDXL"),
+        ({"model.diffusion_model.input_blocks.1.0.time_stack.in_layers.0.weight": (320,), **SD1},
+         "Stable Video Diffusion", "SDXL"),
+        ({**SD1, UNET_IN: (320, 9, 3, 3)}, "inpainting model .its UNet takes 9", "plain .text-to-image. version"),
+        ({"conditioner.embedders.0.model.ln_final.weight": (1280,), UNET_IN: (384, 4, 3, 3)}, "SDXL refiner",
+         "SDXL base"),
+        ({"text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768)}, "a text encoder alone", "full"),
+        ({"transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)}, "a text encoder alone", "full"),
+        ({"encoder.down.0.block.0.conv1.weight": (128, 128, 3, 3)}, "a VAE alone", "full"),
+        ({"down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3), "conv_in.weight": (320, 4, 3, 3)},
+         "diffusers UNet alone", "model_index.json"),
+        ({UNET_IN: (320, 4, 3, 3), SD1_TEXT: (49408, 768)}, "SD 1.x but has no VAE", "complete checkpoint"),
+        ({UNET_IN: (320, 4, 3, 3), "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)},
+         "no text encoder of a known family", "complete checkpoint"),
     ],
 )
-def test_unsupported_families_get_a_clear_error(tmp_path, keys, family_error):
-    with pytest.raises(ModelFormatError, match=family_error):
-        detect_family(keys, tmp_path / "x.safetensors")
+def test_what_no_family_trains_is_refused_naming_what_it_is(tmp_path, shapes, what, advice):
+    from dreambooth.models.families import identify_single_file
+
+    with pytest.raises(ModelFormatError, match=what) as error:
+        identify_single_file(shapes, tmp_path / "x.safetensors")
+    assert re.search(advice, error.value.advice)
+
+
+@pytest.mark.parametrize(
+    "shapes,family",
+    [
+        (SD1, "sd1"),
+        ({UNET_IN: (320, 4, 3, 3), "cond_stage_model.model.token_embedding.weight": (49408, 1024),
+          "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}, "sd2"),
+        ({UNET_IN: (320, 4, 3, 3), "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+          "conditioner.embedders.1.model.ln_final.weight": (1280,),
+          "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}, "sdxl"),
+    ],
+)
+def test_each_family_is_recognised_by_its_keys(tmp_path, shapes, family):
+    from dreambooth.models.families import identify_single_file
+
+    assert identify_single_file(shapes, tmp_path / "x.safetensors").name == family
+
+
+def test_a_lora_picked_as_the_source_is_refused_before_anything_is_written(tmp_path, make_config, model_dir, events):
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "zwx-lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(lora))
+    with pytest.raises(ModelFormatError, match="is a LoRA"):
+        run(make_config(source_checkpoint=str(lora), model_config_dir=""), model_dir, events)
+    assert "LoRA" in _error_event(events)["message"]
+    assert _nothing_written(model_dir) and not (model_dir / "working").exists()
 
 
 def test_old_ckpt_with_pickled_lightning_callbacks_is_read_without_running_code(tmp_path, tiny, monkeypatch):

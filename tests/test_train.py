@@ -117,7 +117,7 @@ def test_a_diffusers_folder_trains_like_its_single_file(make_config, tmp_path, t
 
     folder = tmp_path / "diffusers"
     loaded = load_model(tiny.path, tmp_path / "w", tmp_path / "c", config_dir=str(tiny.config_dir))
-    inference_pipeline(loaded.components).save_pretrained(str(folder))
+    inference_pipeline(loaded.family, loaded.components).save_pretrained(str(folder))
     from_file = run(make_config(max_steps=2), tmp_path / "a" / "zwx", Events())
     from_folder = run(make_config(max_steps=2, source_checkpoint=str(folder)), tmp_path / "b" / "zwx", Events())
     assert from_folder.losses == from_file.losses

@@ -1,8 +1,10 @@
-"""Turn images into VAE latents and prompts into text embeddings, once where the settings allow.
+"""Turn images into VAE latents and prompts into the UNet's conditioning, once where the settings allow.
 
 Latents are cached as the VAE's Gaussian (mean and standard deviation) for each image and each flip, and a
 fresh latent is sampled from it every step, exactly as an uncached run samples from the same distribution.
-A random crop makes every step's pixels different, so it turns the latent cache off.
+A random crop makes every step's pixels different, so it turns the latent cache off. Each latent comes with the
+geometry of the crop it was made from (:class:`~dreambooth.models.conditioning.ImageGeometry`), which SDXL's
+micro-conditioning reads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from .images import fit_square, image_digest, load_image, to_tensor
+from ..models.components import Components
+from ..models.conditioning import Conditioning, ImageGeometry
+from ..models.families import ModelFamily
+from .images import crop_square, image_digest, load_image, to_tensor
 
 
 class ImageLatents:
@@ -41,8 +46,8 @@ class ImageLatents:
         self.min_side = min_side
         self.scaling = vae.config.scaling_factor
         self.encodes = 0
-        self._distributions: dict[tuple[Path, bool], torch.Tensor] = {}
-        self._images: dict[Path, Image.Image] = {}
+        self._distributions: dict[tuple[Path, bool], tuple[torch.Tensor, ImageGeometry]] = {}
+        self._images: dict[Path, tuple[Image.Image, ImageGeometry]] = {}
 
     def prepare(self, paths: list[Path], flips: tuple[bool, ...], progress: Callable[[int, int], None]) -> None:
         """Encode every image (and its mirror image when ``flips`` has True) once, reading the disk cache first."""
@@ -55,54 +60,79 @@ class ImageLatents:
 
     def sample(
         self, paths: list[Path], flips: list[bool], rng: random.Random, generator: torch.Generator
-    ) -> torch.Tensor:
-        """One latent per image: mean + std · ε, scaled by the VAE's scaling factor."""
+    ) -> tuple[torch.Tensor, list[ImageGeometry]]:
+        """One latent per image (mean + std · ε, scaled by the VAE's scaling factor), and the geometry of each."""
         if self.use_cache:
-            dist = torch.stack([self._distributions[(p, f)] for p, f in zip(paths, flips)])
+            cached = [self._distributions[(p, f)] for p, f in zip(paths, flips)]
+            dist, geometries = torch.stack([d for d, _ in cached]), [g for _, g in cached]
         else:
-            dist = torch.cat([self._encode(self._pixels(p, f, rng)) for p, f in zip(paths, flips)])
+            pixels = [self._pixels(p, f, rng) for p, f in zip(paths, flips)]
+            dist = torch.cat([self._encode(image) for image, _ in pixels])
+            geometries = [g for _, g in pixels]
         mean, std = dist.chunk(2, dim=1)
         eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
-        return (mean + std * eps.to(mean.device)) * self.scaling
+        return (mean + std * eps.to(mean.device)) * self.scaling, geometries
 
-    def _cached_distribution(self, path: Path, flip: bool) -> torch.Tensor:
+    def _cached_distribution(self, path: Path, flip: bool) -> tuple[torch.Tensor, ImageGeometry]:
         file = None
         if self.cache_dir is not None:
             key = f"{image_digest(path)[:24]}_{self.resolution}_{'flip' if flip else 'orig'}_{self.model_id}"
             file = self.cache_dir / f"{key}.safetensors"
             if file.is_file():
-                from safetensors.torch import load_file
+                from safetensors import safe_open
 
-                return load_file(str(file))["dist"].to(self.device)
-        dist = self._encode(self._pixels(path, flip, random.Random(0)))[0]
+                with safe_open(str(file), framework="pt") as handle:
+                    geometry = (handle.metadata() or {}).get("geometry")
+                    if geometry:  # a cache file from before geometries were kept is made again
+                        numbers = [int(n) for n in geometry.split(",")]
+                        return handle.get_tensor("dist").to(self.device), ImageGeometry(
+                            tuple(numbers[0:2]), tuple(numbers[2:4]), tuple(numbers[4:6])
+                        )
+        pixels, geometry = self._pixels(path, flip, random.Random(0))
+        dist = self._encode(pixels)[0]
         if file is not None:
             from safetensors.torch import save_file
 
             from ..fileio import write_atomic
 
-            write_atomic(file, lambda tmp: save_file({"dist": dist.detach().cpu().contiguous()}, str(tmp)))
-        return dist
+            meta = {"geometry": ",".join(map(str, geometry.as_time_ids()))}
+            write_atomic(file, lambda tmp: save_file({"dist": dist.detach().cpu().contiguous()}, str(tmp), meta))
+        return dist, geometry
 
-    def _pixels(self, path: Path, flip: bool, rng: random.Random) -> torch.Tensor:
+    def _pixels(self, path: Path, flip: bool, rng: random.Random) -> tuple[torch.Tensor, ImageGeometry]:
         if path not in self._images:
             image = load_image(path, self.min_side)
-            self._images[path] = (
-                fit_square(image, self.resolution, True, rng)
-                if self.center_crop
-                else _shorter_side_to(image, self.resolution)
-            )
-        image = self._images[path]
+            original = (image.height, image.width)
+            if self.center_crop:
+                image, corner = crop_square(image, self.resolution, True, rng)
+            else:
+                image, corner = _shorter_side_to(image, self.resolution), (0, 0)
+            self._images[path] = image, ImageGeometry(original, corner, (self.resolution, self.resolution))
+        image, geometry = self._images[path]
         if not self.center_crop:
-            image = fit_square(image, self.resolution, False, rng)
-        if flip:
+            image, corner = crop_square(image, self.resolution, False, rng)
+            geometry = ImageGeometry(geometry.original_size, corner, geometry.target_size)
+        if flip:  # the mirror image of a crop is the crop at the mirrored place of the mirrored image
             image = ImageOps.mirror(image)
-        return to_tensor(image).unsqueeze(0)
+            top, left = geometry.crop_top_left
+            spare = _scaled_width(geometry.original_size, self.resolution) - self.resolution
+            geometry = ImageGeometry(geometry.original_size, (top, spare - left), geometry.target_size)
+        return to_tensor(image).unsqueeze(0), geometry
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent Gaussian, computed in fp32 whatever the VAE's stored precision: SD's and SDXL's VAEs
+        overflow fp16 (SDXL's into NaN latents), so a half-precision VAE is widened for the call."""
         self.encodes += 1
         vae_param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
+        dtype = vae_param.dtype
+        if dtype == torch.float16:
+            self.vae.to(torch.float32)
+        try:
+            dist = self.vae.encode(pixels.to(vae_param.device, torch.float32 if dtype == torch.float16 else dtype))
+        finally:
+            self.vae.to(dtype)
+        dist = dist.latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).float().to(self.device)
 
 
@@ -111,36 +141,56 @@ def _shorter_side_to(image: Image.Image, size: int) -> Image.Image:
     return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.LANCZOS)
 
 
-class PromptEmbeddings:
-    """Text-encoder outputs for prompts; computed once per prompt while the text encoder is frozen and caching is on."""
+def _scaled_width(original_size: tuple[int, int], size: int) -> int:
+    """The width of an image of ``original_size`` (height, width) once its shorter side is ``size``."""
+    height, width = original_size
+    return max(size, round(width * size / min(height, width)))
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device, use_cache: bool) -> None:
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+
+class PromptEmbeddings:
+    """The UNet's conditioning for a batch: the family's text conditioning of each prompt (computed once per prompt
+    while the text encoders are frozen and caching is on) with each image's micro-conditioning where the family has
+    one."""
+
+    def __init__(self, family: ModelFamily, components: Components, device: torch.device, use_cache: bool) -> None:
+        self.family = family
+        self.components = components
         self.device = device
         self.use_cache = use_cache
         self.encodes = 0
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, Conditioning] = {}
 
-    def __call__(self, prompts: list[str], trainable: bool) -> torch.Tensor:
-        """Embeddings ``[len(prompts), 77, width]``; with gradients when ``trainable``."""
+    def __call__(
+        self, prompts: list[str], trainable: bool, geometries: list[ImageGeometry] | None = None
+    ) -> Conditioning:
+        """Conditioning of ``len(prompts)`` rows (``context``: ``[rows, 77, width]``); with gradients when
+        ``trainable``. ``geometries`` (one per prompt) give the time ids of families that read them."""
         if trainable or not self.use_cache:
             with torch.set_grad_enabled(trainable):
-                return self._encode(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            with torch.no_grad():
-                for prompt, embedding in zip(missing, self._encode(missing)):
-                    self._cache[prompt] = embedding
-        return torch.stack([self._cache[p] for p in prompts])
+                text = self._encode(prompts)
+        else:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+            if missing:
+                with torch.no_grad():
+                    for prompt, row in zip(missing, self._encode(missing).rows()):
+                        self._cache[prompt] = row
+            text = Conditioning.stack([self._cache[p] for p in prompts])
+        if geometries is None:
+            geometries = [ImageGeometry((0, 0), (0, 0), (0, 0))] * len(prompts)
+        return text.with_time_ids(self.family.time_ids(geometries, self.device))
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
+    def _encode(self, prompts: list[str]) -> Conditioning:
         self.encodes += 1
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        ids = [
+            tokenizer(
+                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            for tokenizer in self.tokenizers
+        ]
+        return self.family.encode_prompts(self.components, ids)
+
+    @property
+    def tokenizers(self) -> list:
+        """One tokenizer per text encoder, in the family's order."""
+        return [getattr(self.components, n.replace("text_encoder", "tokenizer")) for n in self.family.text_encoder_names]

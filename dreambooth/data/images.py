@@ -161,6 +161,13 @@ def fit_square(image: Image.Image, resolution: int, center_crop: bool, rng: rand
 
     The square is taken from the centre, or, when ``center_crop`` is false, at an offset drawn from ``rng``.
     """
+    return crop_square(image, resolution, center_crop, rng)[0]
+
+
+def crop_square(
+    image: Image.Image, resolution: int, center_crop: bool, rng: random.Random
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`fit_square`, also returning the crop's top-left corner ``(top, left)`` in the scaled image."""
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -172,8 +179,8 @@ def fit_square(image: Image.Image, resolution: int, center_crop: bool, rng: rand
     else:
         left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
     if (spare_x, spare_y) == (0, 0):
-        return image
-    return image.crop((left, top, left + resolution, top + resolution))
+        return image, (0, 0)
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

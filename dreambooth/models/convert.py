@@ -25,13 +25,13 @@ def convert(
             loaded = _load_single_file(source, Path(cache), tokenizer_dir, config_dir)
             from ..sample import inference_pipeline
 
-            inference_pipeline(loaded.components).save_pretrained(str(destination))
+            inference_pipeline(loaded.family, loaded.components).save_pretrained(str(destination))
             return destination
         if source.is_dir():
             if destination.suffix.lower() not in SINGLE_FILE_OUTPUTS:
                 raise ModelFormatError(f"{destination} must end in .safetensors or .ckpt.")
             loaded = _load_diffusers_folder(source, Path(cache), tokenizer_dir)
-            tensors = checkpoint_tensors(loaded.components, None, SAVE_DTYPES[dtype])
+            tensors = checkpoint_tensors(loaded.components, None, SAVE_DTYPES[dtype], loaded.family)
             meta = modelspec(
                 loaded.family,
                 loaded.components.prediction_type,

@@ -18,22 +18,21 @@ import torch
 
 from ..fileio import write_atomic
 from .components import Components
-from .layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from .families import ModelFamily, family_named, family_of
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CONFIG_METADATA_KEY = "dreambooth.diffusers_config"
-ARCHITECTURES = {("sd1", "epsilon"): "stable-diffusion-v1", ("sd1", "v_prediction"): "stable-diffusion-v1/v-prediction"}
 
 
 def checkpoint_tensors(
-    components: Components, extra_tensors: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+    components: Components,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    family: ModelFamily | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the single file: the three models under LDM names (floats cast to ``dtype``), then the
-    source's other tensors (noise-schedule buffers) exactly as they were."""
-    tensors = {}
-    tensors.update(unet_to_ldm(components.unet.state_dict(), components.unet.config))
-    tensors.update(vae_to_ldm(components.vae.state_dict(), components.vae.config))
-    tensors.update(text_encoder_to_ldm(components.text_encoder.state_dict()))
+    """Every tensor of the single file: the models under their original names in the family's layout (floats cast
+    to ``dtype``), then the source's other tensors (noise-schedule buffers ...) exactly as they were."""
+    tensors = (family or family_of(components)).export_tensors(components)
     out = {
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in tensors.items()
@@ -44,12 +43,17 @@ def checkpoint_tensors(
 
 
 def modelspec(
-    family: str, prediction_type: str, resolution: int, title: str, training: Mapping[str, Any] | None = None
+    family: ModelFamily | str,
+    prediction_type: str,
+    resolution: int,
+    title: str,
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """ModelSpec header fields plus our training summary, all strings as safetensors requires."""
+    family = family_named(family) if isinstance(family, str) else family
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURES[(family, prediction_type)],
+        "modelspec.architecture": family.architecture(prediction_type),
         "modelspec.implementation": "https://github.com/CompVis/stable-diffusion",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.resolution": f"{resolution}x{resolution}",

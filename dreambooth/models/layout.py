@@ -1,8 +1,9 @@
-"""Key names of the original (CompVis/LDM) single-file layout, from diffusers' names.
+"""Key names of the original (CompVis/LDM and Stability's SGM) single-file layout, from diffusers' names.
 
-Works for any UNet/VAE of the SD 1.x block structure, whatever its depth or width, so tiny test models
-and full-size checkpoints go through the same mapping. The reverse direction is diffusers' own
-single-file loader, which the tests use as the oracle for this one.
+Works for any UNet/VAE of the SD block structure (SD 1.x, SD 2.x, SDXL), whatever its depth or width, so tiny
+test models and full-size checkpoints go through the same mapping; text encoders are written in the OpenAI CLIP
+(transformers) or the OpenCLIP layout, under the prefix the family's file uses. The reverse direction is
+diffusers' own single-file loader, which the tests use as the oracle for this one.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
-POSITION_IDS = TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
@@ -79,7 +81,7 @@ def _unet_key(key: str, per_level: int, up_has_attention: list[bool]) -> str:
         return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    raise KeyError(f"UNet weight {key!r} has no place in the SD 1.x layout")
+    raise KeyError(f"UNet weight {key!r} has no place in the LDM layout")
 
 
 def _resnet(rest: str) -> str:
@@ -121,15 +123,61 @@ def _vae_resnet(rest: str) -> str:
     return rest.replace("conv_shortcut", "nin_shortcut")
 
 
-def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict under SD 1.x's ``cond_stage_model.transformer.text_model.``.
+def text_encoder_to_ldm(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict in the OpenAI CLIP layout under ``prefix`` + ``text_model.``
+    (SD 1.x: ``cond_stage_model.transformer.``; SDXL's first encoder: ``conditioner.embedders.0.transformer.``).
 
     transformers 5 flattened ``CLIPTextModel`` (no ``text_model.`` level, no ``position_ids`` buffer); the
     original layout has both, so both are restored here.
     """
     out = {}
     for key, value in state_dict.items():
-        out[TEXT_ENCODER_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
-    positions = out[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_embedding.weight"].shape[0]
-    out.setdefault(POSITION_IDS, torch.arange(positions, dtype=torch.int64).unsqueeze(0))
+        out[prefix + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    positions = out[prefix + "text_model.embeddings.position_embedding.weight"].shape[0]
+    out.setdefault(prefix + "text_model.embeddings.position_ids", torch.arange(positions, dtype=torch.int64)[None])
+    return out
+
+
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def text_encoder_to_open_clip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel``/``CLIPTextModelWithProjection`` state dict in OpenCLIP's layout under
+    ``prefix`` (SD 2.x: ``cond_stage_model.model.``; SDXL's second encoder: ``conditioner.embedders.1.model.``).
+
+    OpenCLIP keeps query, key and value as one ``in_proj`` matrix and the projection as a matrix applied from the
+    right (``x @ text_projection``), so those are concatenated and transposed; ``position_ids`` has no place there.
+    """
+    flat = {key.removeprefix("text_model."): value for key, value in state_dict.items()}
+    out: dict[str, torch.Tensor] = {}
+    attention: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T
+        elif key == "embeddings.position_ids":
+            continue
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            attention.setdefault((m[1], m[3]), {})[m[2]] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            out[f"{prefix}transformer.resblocks.{m[1]}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}"] = value
+        else:
+            raise KeyError(f"text encoder weight {key!r} has no place in the OpenCLIP layout")
+    for (layer, kind), parts in attention.items():
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
     return out

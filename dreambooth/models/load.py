@@ -28,24 +28,16 @@ from ..errors import ModelFormatError
 from ..fileio import write_atomic
 from .components import Components
 from .export import CONFIG_METADATA_KEY
-from .layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
-from .read import SINGLE_FILE_SUFFIXES, detect_family, fingerprint, read_keys, read_tensors
+from .families import ModelFamily, family_named, identify_folder, identify_single_file
+from .families.base import COMMON_CONFIG_FILES, CONFIGS_DIR
+from .read import SINGLE_FILE_SUFFIXES, fingerprint, read_shapes, read_tensors
 from .tokenizer import find_tokenizer_dir, load_clip_tokenizer
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
 DROPPED_PREFIXES = ("model_ema.",)
 """Keys never carried over: the EMA copy of the untrained UNet would shadow the trained weights in loaders that
 prefer EMA weights, and it doubles the file."""
-MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
-COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
-CONFIG_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "scheduler/scheduler_config.json",
-)
-"""The files of a diffusers config folder that the single-file loader reads (the tokenizer comes separately)."""
+CONFIG_FILES = COMMON_CONFIG_FILES
+"""The files every family's diffusers config folder has (SDXL adds ``text_encoder_2/config.json``)."""
 EMBEDDED_CONFIG_DIR = "embedded-config"
 """Where, under the cache folder, the config folder carried by a file's header is rebuilt."""
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
@@ -60,6 +52,7 @@ TEXT_ENCODER_SHAPE_KEYS = (
     "layer_norm_eps",
 )
 """What makes one CLIP text encoder differ from another for SD (token ids and projection sizes do not)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -67,22 +60,30 @@ class LoadedModel:
     """The components to train, plus what the export needs to rebuild the original file."""
 
     components: Components
-    family: str
+    family: ModelFamily
     source_id: str
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors of the source that the export does not write from the components (noise-schedule buffers, SD 2.x's
+    unused last text layer and projection, OpenCLIP's logit scale): written back unchanged."""
     diffusers_config: dict[str, dict] | None = None
-    """The config folder's files (``CONFIG_FILES`` → JSON) when they differ from the family's stock folder:
+    """The config folder's files (``config_files`` → JSON) when they differ from the family's stock folders:
     exports carry them in their header, and the web UI needs a ``.yaml`` for them. None for a stock model."""
     stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
-    """Per component ('unet', 'vae', 'text_encoder'), the precision its working copy is written in: fp16 (or bf16)
-    when every weight of it in a single-file source had it (most checkpoints people share), as nothing finer
+    """Per component ('unet', 'vae', 'text_encoder', ...), the precision its working copy is written in: fp16 (or
+    bf16) when every weight of it in a single-file source had it (most checkpoints people share), as nothing finer
     exists to keep; fp32 when absent (mixed or fp32 weights, diffusers folders)."""
 
 
 def load_model(
-    source: str | Path, working_dir: Path, cache_dir: Path, tokenizer_dir: str = "", config_dir: str = ""
+    source: str | Path,
+    working_dir: Path,
+    cache_dir: Path,
+    tokenizer_dir: str = "",
+    config_dir: str = "",
+    prediction_type: str = "auto",
 ) -> LoadedModel:
-    """Load ``source`` (single file or diffusers folder), reusing ``working_dir`` when it holds the same source."""
+    """Load ``source`` (single file or diffusers folder), reusing ``working_dir`` when it holds the same source.
+    ``prediction_type`` ('epsilon', 'v_prediction') overrides what the source declares or its family detects."""
     source = Path(source)
     if not source.exists():
         raise ModelFormatError(
@@ -93,90 +94,130 @@ def load_model(
     stamp = working_dir / "source.json"
     stamped = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if (stamped.get("source_id") == source_id and "diffusers_config" in stamped
-            and stamped.get("working_format") == WORKING_FORMAT):
-        loaded = _load_diffusers_folder(working_dir, cache_dir, tokenizer_dir)
+            and stamped.get("working_format") == WORKING_FORMAT
+            and stamped.get("prediction_override", "auto") == prediction_type):
+        loaded = _load_diffusers_folder(working_dir, cache_dir, tokenizer_dir, family_named(stamped["family"]))
         extra_path = working_dir / "extra_tensors.safetensors"
         if extra_path.is_file():
             from safetensors.torch import load_file
 
             loaded.extra_tensors = load_file(str(extra_path))
         loaded.source_id = source_id
-        loaded.family = stamped.get("family", loaded.family)
         loaded.diffusers_config = stamped["diffusers_config"]
         _to_fp32(loaded)
         return loaded
     if source.is_dir():
         loaded = _load_diffusers_folder(source, cache_dir, tokenizer_dir)
+        if prediction_type in PREDICTION_TYPES:
+            _set_prediction(loaded, prediction_type, stock=loaded.diffusers_config is None)
     elif source.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        loaded = _load_single_file(source, cache_dir, tokenizer_dir, config_dir)
+        loaded = _load_single_file(source, cache_dir, tokenizer_dir, config_dir, prediction_type)
     else:
         raise ModelFormatError(
             f"{source} is neither a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a diffusers folder.",
             "Pick a .safetensors or .ckpt file.",
         )
     loaded.source_id = source_id
-    _save_working(loaded, working_dir)  # in the source's precision: an fp16 file's copy takes half the disk
+    _save_working(loaded, working_dir, prediction_type)  # in the source's precision: an fp16 file's copy is half
     _to_fp32(loaded)
     return loaded
 
 
 def _to_fp32(loaded: LoadedModel) -> None:
     """fp16 files still train with fp32 master weights (widening is exact: the copy on disk loses nothing)."""
-    for model in (loaded.components.unet, loaded.components.vae, loaded.components.text_encoder):
+    for model in loaded.components.models.values():
         model.to(torch.float32)
 
 
-def _load_single_file(path: Path, cache_dir: Path, tokenizer_dir: str, config_dir: str) -> LoadedModel:
-    family = detect_family(read_keys(path), path)
+def _load_single_file(
+    path: Path, cache_dir: Path, tokenizer_dir: str, config_dir: str, prediction_type: str = "auto"
+) -> LoadedModel:
+    shapes = read_shapes(path)
+    family = identify_single_file(shapes, path)
+    declared = prediction_type if prediction_type in PREDICTION_TYPES else None
+    declared = declared or family.declared_prediction(shapes, header_metadata(path))
+    stock = not config_dir
     if config_dir:
         config_folder = Path(config_dir)
     else:
         embedded = embedded_config(path)
-        config_folder = CONFIGS_DIR / family
+        config_folder = family.stock_config_folder(declared)
         if embedded is not None:
             config_folder = write_config_folder(embedded, cache_dir / EMBEDDED_CONFIG_DIR)
+            stock = False
     if not (config_folder / "model_index.json").is_file():
         raise ModelFormatError(
             f"Model config folder {config_folder} has no model_index.json.",
             "Point 'model_config_dir' at a diffusers config folder, or leave it empty.",
         )
-    tokenizer = load_clip_tokenizer(find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer"))
+    tokenizers = _tokenizers(family, tokenizer_dir, cache_dir)
     tensors = read_tensors(path)
-    extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIXES + DROPPED_PREFIXES)}
-    stored_dtypes = _half_precision_components(tensors)
+    stored_dtypes = _half_precision_components(tensors, family)
+    model_prefixes = tuple(family.single_file_prefixes.values())
     readable = path
     if path.suffix.lower() != ".safetensors":
         readable = cache_dir / f"{path.stem}.converting.safetensors"
-        _save_safetensors({k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIXES)}, readable)
-    del tensors
+        _save_safetensors({k: v for k, v in tensors.items() if k.startswith(model_prefixes)}, readable)
     try:
-        components = _from_single_file(readable, config_folder, tokenizer)
+        components = _from_single_file(readable, config_folder, tokenizers, family)
     except ModelFormatError:
         raise
     except Exception as exc:  # diffusers' loader raises many types for a file of the wrong shape
         raise ModelFormatError(
-            f"{path} could not be loaded as {family.upper()} with the configs in {config_folder} "
+            f"{path} could not be loaded as {family.label} with the configs in {config_folder} "
             f"({type(exc).__name__}: {exc}).",
             "If it is a model of an unusual shape, set 'model_config_dir' to its diffusers config folder.",
         ) from None
     finally:
         if readable != path:
             readable.unlink(missing_ok=True)
-    return LoadedModel(
+    exported = family.export_tensors(components).keys()
+    extra = {k: v for k, v in tensors.items() if k not in exported and not k.startswith(DROPPED_PREFIXES)}
+    del tensors
+    configs = read_config_folder(config_folder, family)
+    loaded = LoadedModel(
         components=components,
         family=family,
         source_id="",
         extra_tensors=extra,
-        diffusers_config=_unless_stock(read_config_folder(config_folder), family),
+        diffusers_config=_unless_stock(configs, family),
         stored_dtypes=stored_dtypes,
     )
+    prediction = declared or (family.detect_prediction(components) if stock else components.prediction_type)
+    _set_prediction(loaded, prediction, stock=stock and loaded.diffusers_config is None)
+    return loaded
 
 
-def _half_precision_components(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
+def _set_prediction(loaded: LoadedModel, prediction_type: str, stock: bool) -> None:
+    """Make the scheduler predict ``prediction_type``; the configs follow (a stock model takes the stock folder of
+    that prediction when its family ships one, else its configs are no longer stock)."""
+    from diffusers import DDPMScheduler
+
+    components, family = loaded.components, loaded.family
+    if components.prediction_type == prediction_type:
+        return
+    components.scheduler = DDPMScheduler.from_config(components.scheduler.config, prediction_type=prediction_type)
+    if stock and prediction_type in family.stock_predictions:
+        loaded.diffusers_config = None
+        return
+    configs = dict(loaded.diffusers_config or read_config_folder(family.stock_config_folder(), family))
+    configs["scheduler/scheduler_config.json"] = {
+        **configs["scheduler/scheduler_config.json"], "prediction_type": prediction_type
+    }
+    loaded.diffusers_config = _unless_stock(configs, family)
+
+
+def _tokenizers(family: ModelFamily, tokenizer_dir: str, cache_dir: Path) -> dict[str, Any]:
+    """Each of the family's tokenizers, all from the one CLIP vocabulary, with the family's padding tokens."""
+    folder = find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer")
+    return {name: load_clip_tokenizer(folder, pad) for name, pad in family.pad_tokens.items()}
+
+
+def _half_precision_components(tensors: Mapping[str, torch.Tensor], family: ModelFamily) -> dict[str, torch.dtype]:
     """The components whose weights are all fp16, or all bf16, in a single file: component → that dtype. The text
     encoder's ``position_ids`` (indices, stored as floats in some files) are not weights and do not count."""
     found = {}
-    for name, prefix in COMPONENT_PREFIXES.items():
+    for name, prefix in family.single_file_prefixes.items():
         dtypes = {
             value.dtype
             for key, value in tensors.items()
@@ -187,65 +228,82 @@ def _half_precision_components(tensors: Mapping[str, torch.Tensor]) -> dict[str,
     return found
 
 
-def _from_single_file(path: Path, config_folder: Path, tokenizer) -> Components:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def _from_single_file(path: Path, config_folder: Path, tokenizers: Mapping[str, Any], family: ModelFamily) -> Components:
+    import diffusers
+    from diffusers import DDPMScheduler
 
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(config_folder),
-        local_files_only=True,
-        tokenizer=tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = getattr(diffusers, family.pipeline_class).from_single_file(
+        str(path), config=str(config_folder), local_files_only=True, **tokenizers, **family.pipeline_extras()
     )
     return Components(
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=tokenizers["tokenizer"],
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=tokenizers.get("tokenizer_2"),
     )
 
 
-def _load_diffusers_folder(folder: Path, cache_dir: Path, tokenizer_dir: str) -> LoadedModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
 
-    missing = [name for name in ("unet", "vae", "text_encoder", "scheduler") if not (folder / name).is_dir()]
+
+def _load_diffusers_folder(
+    folder: Path, cache_dir: Path, tokenizer_dir: str, family: ModelFamily | None = None
+) -> LoadedModel:
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    if family is None:
+        family = identify_folder(
+            folder,
+            _read_json(folder / "model_index.json"),
+            _read_json(folder / "text_encoder" / "config.json"),
+            _read_json(folder / "unet" / "config.json"),
+        )
+    parts = ("unet", "vae", *family.text_encoder_names, "scheduler")
+    missing = [name for name in parts if not (folder / name).is_dir()]
     if missing:
         raise ModelFormatError(
-            f"{folder} is not a diffusers Stable Diffusion folder (no {', '.join(missing)}).",
+            f"{folder} is not a diffusers {family.label} folder (no {', '.join(missing)}).",
             "Pick the folder that holds model_index.json, or a single .safetensors file.",
         )
-    if (folder / "text_encoder_2").is_dir():
-        raise ModelFormatError(f"{folder} is an SDXL model; SDXL is not supported yet.", "Pick an SD 1.x model.")
-    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
-    if text_config.get("hidden_act") == "gelu":
-        raise ModelFormatError(
-            f"{folder} is an SD 2.x model (OpenCLIP text encoder); SD 2.x is not supported yet.",
-            "Pick an SD 1.x model.",
+    found = find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer") if tokenizer_dir else None
+    tokenizers = {}
+    for name, pad in family.pad_tokens.items():
+        own = folder / name
+        tokenizers[name] = load_clip_tokenizer(
+            own if found is None and (own / "vocab.json").is_file()
+            else found or find_tokenizer_dir("", cache_dir / "clip-tokenizer"),
+            pad,
         )
-    tokenizer_folder = folder / "tokenizer"
-    if tokenizer_dir or not (tokenizer_folder / "vocab.json").is_file():
-        tokenizer_folder = find_tokenizer_dir(tokenizer_dir, cache_dir / "clip-tokenizer")
+    encoders = {
+        name: getattr(transformers, family.text_encoder_classes[name]).from_pretrained(
+            str(folder), subfolder=name, local_files_only=True
+        )
+        for name in family.text_encoder_names
+    }
     components = Components(
         unet=UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True),
         vae=AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True),
-        text_encoder=CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True),
-        tokenizer=load_clip_tokenizer(tokenizer_folder),
         scheduler=DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True),
+        **encoders,
+        **tokenizers,
     )
-    if components.unet.config.cross_attention_dim != components.text_encoder.config.hidden_size:
+    widths = sum(model.config.hidden_size for model in components.text_encoders.values())
+    if components.unet.config.cross_attention_dim != widths:
         raise ModelFormatError(
-            f"{folder}: the UNet's cross-attention width does not match the text encoder.",
-            "This is not an SD 1.x model we can train.",
+            f"{folder}: the UNet's cross-attention width ({components.unet.config.cross_attention_dim}) does not "
+            f"match the text encoders' ({widths}).",
+            f"This is not a {family.label} model we can train.",
         )
     return LoadedModel(
         components=components,
-        family="sd1",
+        family=family,
         source_id="",
-        diffusers_config=_unless_stock(read_config_folder(folder), "sd1"),
+        diffusers_config=_unless_stock(read_config_folder(folder, family), family),
     )
 
 
@@ -279,13 +337,27 @@ def embedded_config(path: Path) -> dict[str, dict] | None:
 
 
 def declared_resolution(metadata: Mapping[str, Any]) -> int | None:
-    """The training resolution an SD 1.x single file declares in its header's ``metadata``
-    (:func:`header_metadata`; ``modelspec.resolution``, e.g. 64 for the demo model), or None: no such entry, or not
-    square SD 1.x."""
-    if not str(metadata.get("modelspec.architecture", "")).startswith("stable-diffusion-v1"):
-        return None
+    """The square training resolution a single file declares in its header's ``metadata``
+    (:func:`header_metadata`; ``modelspec.resolution``, e.g. 64 for the demo model), or None."""
     width, _, height = str(metadata.get("modelspec.resolution", "")).partition("x")
     return int(width) if width.isdigit() and width == height else None
+
+
+def native_resolution(source: Path) -> int | None:
+    """The side a source model was trained at: what its header declares, else its family's released size (512,
+    768 for SD 2.x v-prediction, 1024 for SDXL); None when the source cannot be identified from its header."""
+    declared = declared_resolution(header_metadata(source))
+    if declared:
+        return declared
+    if not source.is_file() or source.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        return None
+    try:
+        shapes = read_shapes(source)
+        family = identify_single_file(shapes, source)
+    except ModelFormatError:
+        return None
+    prediction = family.declared_prediction(shapes, header_metadata(source)) or family.default_prediction
+    return family.native_resolution(prediction)
 
 
 def header_metadata(path: Path) -> dict:
@@ -304,21 +376,26 @@ def header_metadata(path: Path) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def read_config_folder(folder: Path) -> dict[str, dict]:
-    """The JSON of a diffusers config folder's ``CONFIG_FILES``; a file it lacks is taken from SD 1.x's folder
+def read_config_folder(folder: Path, family: ModelFamily | None = None) -> dict[str, dict]:
+    """The JSON of a diffusers config folder's files (the family's ``config_files``; without a family, those of
+    SD 1.x plus ``text_encoder_2/`` when the folder has one). A file it lacks is taken from the family's stock folder
     (diffusers folders often have no ``model_index.json``)."""
+    names = family.config_files if family is not None else CONFIG_FILES + tuple(
+        n for n in ("text_encoder_2/config.json",) if (folder / n).is_file()
+    )
+    fallback = family.stock_config_folder() if family is not None else CONFIGS_DIR / "sd1"
     configs = {}
-    for name in CONFIG_FILES:
+    for name in names:
         file = folder / name
         if not file.is_file():
-            file = CONFIGS_DIR / "sd1" / name
+            file = fallback / name
         configs[name] = json.loads(file.read_text(encoding="utf-8"))
     return configs
 
 
 def write_config_folder(configs: Mapping[str, dict], folder: Path) -> Path:
-    """Write ``configs`` (``CONFIG_FILES`` → JSON) as a diffusers config folder; ``model_index.json`` last."""
-    for name in sorted(CONFIG_FILES, key=lambda n: n == "model_index.json"):
+    """Write ``configs`` (file name → JSON) as a diffusers config folder; ``model_index.json`` last."""
+    for name in sorted(configs, key=lambda n: n == "model_index.json"):
         file = folder / name
         file.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(configs[name], indent=2, sort_keys=True)
@@ -326,20 +403,21 @@ def write_config_folder(configs: Mapping[str, dict], folder: Path) -> Path:
     return folder
 
 
-def is_stock_config(configs: Mapping[str, dict], family: str) -> bool:
-    """Whether ``configs`` build the same models and noise schedule as the family's shipped config folder.
+def is_stock_config(configs: Mapping[str, dict], family: ModelFamily) -> bool:
+    """Whether ``configs`` build the same models and noise schedule as one of the family's shipped config folders.
 
-    The UNet and VAE are compared with their classes' defaults filled in (but the VAE's ``sample_size``, which
-    only sets tiling), the text encoder by its shape, the scheduler by its training schedule; names, versions
-    and dtypes do not count.
+    The UNet and VAE are compared with their classes' defaults filled in (but their ``sample_size``, which only
+    sets the default image size and tiling), the text encoders by their shape, the scheduler by its training
+    schedule; names, versions and dtypes do not count.
     """
-    stock_folder = CONFIGS_DIR / family
-    if not (stock_folder / "model_index.json").is_file():
-        return False
-    return _architecture(configs) == _architecture(read_config_folder(stock_folder))
+    mine = _architecture(configs)
+    return any(
+        mine == _architecture(read_config_folder(CONFIGS_DIR / folder, family))
+        for folder in family.stock_predictions.values()
+    )
 
 
-def _unless_stock(configs: dict[str, dict], family: str) -> dict[str, dict] | None:
+def _unless_stock(configs: dict[str, dict], family: ModelFamily) -> dict[str, dict] | None:
     return None if is_stock_config(configs, family) else configs
 
 
@@ -347,15 +425,20 @@ def _architecture(configs: Mapping[str, dict]) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    text = CLIPTextConfig.from_dict(dict(configs["text_encoder/config.json"])).to_dict()
     schedule_defaults = _with_defaults(DDPMScheduler, {})
     scheduler = configs["scheduler/scheduler_config.json"]
+    unet = _with_defaults(UNet2DConditionModel, configs["unet/config.json"])
     vae = _with_defaults(AutoencoderKL, configs["vae/config.json"])
+    unet.pop("sample_size", None)
     vae.pop("sample_size", None)
+    encoders = {}
+    for name in sorted(n for n in configs if n.startswith("text_encoder")):
+        text = CLIPTextConfig.from_dict(dict(configs[name])).to_dict()
+        encoders[name] = {k: text.get(k) for k in TEXT_ENCODER_SHAPE_KEYS}
     return {
-        "unet": _with_defaults(UNet2DConditionModel, configs["unet/config.json"]),
+        "unet": unet,
         "vae": vae,
-        "text_encoder": {k: text.get(k) for k in TEXT_ENCODER_SHAPE_KEYS},
+        "text_encoders": encoders,
         "scheduler": {k: scheduler.get(k, schedule_defaults[k]) for k in SCHEDULE_KEYS},
     }
 
@@ -373,24 +456,28 @@ WORKING_FORMAT = 2
 2: each part in the precision the source stores it in."""
 
 
-def _save_working(loaded: LoadedModel, working_dir: Path) -> None:
+def _save_working(loaded: LoadedModel, working_dir: Path, prediction_override: str = "auto") -> None:
     """Write the diffusers copy, then the stamp last, so a half-written copy is never reused."""
     (working_dir / "source.json").unlink(missing_ok=True)
-    for name in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+    c = loaded.components
+    tokenizers = {"tokenizer": c.tokenizer, "tokenizer_2": c.tokenizer_2}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2"):
         shutil.rmtree(working_dir / name, ignore_errors=True)
     working_dir.mkdir(parents=True, exist_ok=True)
-    c = loaded.components
-    for model, name in ((c.unet, "unet"), (c.vae, "vae"), (c.text_encoder, "text_encoder")):
-        # exact: the weights came from tensors of this precision (SD 1.x models' only buffer is the text
-        # encoder's int64 position_ids, which .to() leaves alone)
+    for name, model in c.models.items():
+        # exact: the weights came from tensors of this precision (the models' only buffers are the text
+        # encoders' int64 position_ids, which .to() leaves alone)
         model.to(loaded.stored_dtypes.get(name, torch.float32))
         model.save_pretrained(str(working_dir / name))
     c.scheduler.save_pretrained(str(working_dir / "scheduler"))
-    c.tokenizer.save_pretrained(str(working_dir / "tokenizer"))
+    for name, tokenizer in tokenizers.items():
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(working_dir / name))
     if loaded.extra_tensors:
         _save_safetensors(loaded.extra_tensors, working_dir / "extra_tensors.safetensors")
-    stamp = json.dumps({"source_id": loaded.source_id, "family": loaded.family,
-                        "diffusers_config": loaded.diffusers_config, "working_format": WORKING_FORMAT})
+    stamp = json.dumps({"source_id": loaded.source_id, "family": loaded.family.name,
+                        "diffusers_config": loaded.diffusers_config, "working_format": WORKING_FORMAT,
+                        "prediction_override": prediction_override})
     write_atomic(working_dir / "source.json", lambda p: p.write_text(stamp))
 
 

@@ -1,4 +1,4 @@
-"""Read a single-file checkpoint's tensors safely and tell which model family it is."""
+"""Read a single-file checkpoint's tensors (or only their names and shapes) safely."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import ModelFormatError
-from .layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-SUPPORTED_FAMILIES = ("sd1",)
 
 
 def read_keys(path: Path) -> list[str]:
@@ -27,6 +25,19 @@ def read_keys(path: Path) -> list[str]:
         except Exception as exc:  # safetensors raises its own error types, and OSError
             raise _not_a_checkpoint(path, exc) from None
     return list(read_tensors(path))
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape; for ``.safetensors`` from the header alone (no weight is read)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except Exception as exc:  # safetensors raises its own error types, and OSError
+            raise _not_a_checkpoint(path, exc) from None
+    return {key: tuple(value.shape) for key, value in read_tensors(path).items()}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -105,42 +116,6 @@ def _load_with_stubs(path: Path) -> Any:
         ) from None
     except Exception as exc:
         raise _not_a_checkpoint(path, exc) from None
-
-
-def detect_family(keys: list[str], path: Path) -> str:
-    """'sd1' for Stable Diffusion 1.x; a clear error for everything we cannot train yet or at all."""
-    keyset = set(keys)
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-        raise ModelFormatError(f"{path} is a LoRA, not a full checkpoint.", "Pick a full Stable Diffusion checkpoint.")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelFormatError(
-            f"{path} is an SDXL checkpoint; SDXL is not supported yet.", "Pick an SD 1.x checkpoint."
-        )
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ModelFormatError(
-            f"{path} is an SD 2.x checkpoint; SD 2.x is not supported yet.", "Pick an SD 1.x checkpoint."
-        )
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-            raise ModelFormatError(
-                f"{path} holds a diffusers UNet alone, not a whole model.",
-                "Pick the diffusers folder that holds it (with model_index.json), or a single file.",
-            )
-        raise ModelFormatError(
-            f"{path} is not a Stable Diffusion checkpoint (no UNet weights in it).",
-            "Pick a checkpoint from the web UI's models/Stable-diffusion folder.",
-        )
-    missing = [
-        name
-        for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_ENCODER_PREFIX))
-        if not any(k.startswith(prefix) for k in keyset)
-    ]
-    if missing:
-        raise ModelFormatError(
-            f"{path} has no {' and no '.join(missing)} weights.",
-            "Pick a complete checkpoint (UNet, VAE and text encoder in one file).",
-        )
-    return "sd1"
 
 
 def fingerprint(path: Path) -> str:

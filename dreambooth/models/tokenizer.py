@@ -48,8 +48,11 @@ def find_tokenizer_dir(user_dir: str | os.PathLike[str] | None, cache_dir: Path)
     return cache_dir
 
 
-def load_clip_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
-    """The transformers tokenizer from a folder found by :func:`find_tokenizer_dir` (transformers 4 and 5)."""
+def load_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):  # -> transformers.CLIPTokenizer
+    """The transformers tokenizer from a folder found by :func:`find_tokenizer_dir` (transformers 4 and 5).
+
+    OpenAI's CLIP (SD 1.x, SDXL's first encoder) pads with end-of-text; OpenCLIP (SD 2.x, SDXL's second) pads
+    with '!' (id 0), as the models were trained and as the web UI feeds them."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(
@@ -59,7 +62,7 @@ def load_clip_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
 
 

@@ -22,6 +22,7 @@ from ..data.dataset import DataOrder, Example
 from ..errors import Cancelled
 from ..events import Events
 from ..models.components import Components
+from ..models.conditioning import Conditioning
 from .loss import add_noise, dreambooth_loss, min_snr_weights
 from .parallel import Parallel
 from .speed.layout import (
@@ -84,18 +85,20 @@ def step_seed(seed: int, step: int, micro: int) -> int:
 
 def train(run: Run) -> RunResult:
     """Train until ``run.total_steps`` optimizer steps are done or a cancel is requested."""
-    cfg, unet, text_encoder = run.config, run.components.unet, run.components.text_encoder
+    cfg, unet = run.config, run.components.unet
     scheduler = run.components.scheduler
-    train_te = cfg.train_text_encoder and cfg.text_encoder_stop > 0
+    text_encoders = trained_text_encoders(run) if cfg.text_encoder_stop > 0 else {}
+    train_te = bool(text_encoders)
     unet.requires_grad_(True).train()
-    text_encoder.requires_grad_(train_te).train(train_te)
+    for name, module in run.components.text_encoders.items():
+        module.requires_grad_(name in text_encoders).train(name in text_encoders)
     if cfg.channels_last:
         to_channels_last(unet)
     weights_dtype = next(unet.parameters()).dtype
     updater = Updater(
         cfg,
         unet,
-        text_encoder if train_te else None,
+        [(run.components.text_encoders[name], lr) for name, lr in text_encoders.items()],
         run.total_steps,
         flat=weights_dtype == torch.bfloat16 or cfg.optimizer_in_backward,
         in_backward=cfg.optimizer_in_backward,
@@ -103,7 +106,7 @@ def train(run: Run) -> RunResult:
         compile_optimizer=cfg.compile_optimizer,
         parallel=run.parallel,
     )
-    models = {"unet": unet, **({"text_encoder": text_encoder} if train_te else {})}
+    models = {"unet": unet, **{name: run.components.text_encoders[name] for name in text_encoders}}
 
     order = DataOrder(len(run.instance), len(run.classes), cfg.seed)
     step = 0
@@ -119,8 +122,8 @@ def train(run: Run) -> RunResult:
             "(model, optimizer, seed or trained parts changed); starting from step 0.",
         )
 
-    def forward(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(sample, timesteps, context).sample
+    def forward(sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        return unet(sample, timesteps, **conditioning.unet_kwargs()).sample
 
     unet_input = {
         "dtype": weights_dtype,
@@ -186,7 +189,8 @@ def train(run: Run) -> RunResult:
     while step < run.total_steps:
         if train_te and step >= te_stop_step:
             train_te = False
-            text_encoder.requires_grad_(False).eval()
+            for name in text_encoders:
+                run.components.text_encoders[name].requires_grad_(False).eval()
         torch.manual_seed(step_seed(cfg.seed, step, ROUNDING_STREAM))  # bf16 stochastic rounding draws from it
         for micro in range(cfg.gradient_accumulation):
             # the step's batches are drawn in one order everywhere; process r of w takes every w-th, from the r-th
@@ -200,8 +204,8 @@ def train(run: Run) -> RunResult:
                 order.next_batch(cfg.batch_size)
             batch = [run.instance[i] for i in instance_ids] + [run.classes[i] for i in class_ids]
             flips = [cfg.hflip and rng.random() < 0.5 for _ in batch]
-            latents = run.latents.sample([e.path for e in batch], flips, rng, generator)
-            conditioning = run.prompts([e.prompt for e in batch], trainable=train_te)
+            latents, geometries = run.latents.sample([e.path for e in batch], flips, rng, generator)
+            conditioning = run.prompts([e.prompt for e in batch], trainable=train_te, geometries=geometries)
             noised = add_noise(latents, scheduler, generator, cfg.offset_noise)
             weights = (
                 min_snr_weights(
@@ -265,6 +269,15 @@ def train(run: Run) -> RunResult:
     return outcome
 
 
+def trained_text_encoders(run: Run) -> dict[str, float]:
+    """The text encoders this run trains (``Components`` attribute → learning rate): the first when
+    ``train_text_encoder`` is on, the second (SDXL) when ``train_text_encoder_2`` is."""
+    cfg, present = run.config, run.components.text_encoders
+    wanted = {"text_encoder": (cfg.train_text_encoder, cfg.text_encoder_lr),
+              "text_encoder_2": (cfg.train_text_encoder_2, cfg.text_encoder_2_lr)}
+    return {name: lr for name, (on, lr) in wanted.items() if on and name in present}
+
+
 def _weights_fingerprint(models: dict[str, torch.nn.Module]) -> torch.Tensor:
     """Sum and sum of squares of every trained weight, in float64: equal in two processes whose copies are equal."""
     values = [p.detach().double() for model in models.values() for p in model.parameters() if p.requires_grad]
@@ -301,7 +314,10 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
         return 0
     example = _example_batch(run, unet, unet_input)
     sample = example["sample"].detach().requires_grad_()
-    context = example["context"].detach().requires_grad_(train_te)  # as in training, or a step would recompile
+    # the text conditioning needs gradients as in training, or a step would recompile
+    conditioning = Conditioning.from_tensors(
+        {k: v.detach().requires_grad_(train_te and k != "time_ids") for k, v in _conditioning_of(example).items()}
+    )
     run.events.emit("status", message="Compiling the UNet (minutes on a first run)")
     checks: list = []
     try:
@@ -310,7 +326,7 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
         count = compile_blocks(unet)
         channels_last_group_norms(unet)
         with autocast:
-            prediction = unet(sample, example["timesteps"], context).sample
+            prediction = unet(sample, example["timesteps"], **conditioning.unet_kwargs()).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
     except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
         uncompile_blocks(unet)
@@ -356,7 +372,8 @@ def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGra
         example["weights"] = torch.ones(example["sample"].shape[0], device=run.device)
 
     def loss_of(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        prediction = unet(inputs["sample"], inputs["timesteps"], inputs["context"]).sample
+        conditioning = Conditioning.from_tensors(inputs)
+        prediction = unet(inputs["sample"], inputs["timesteps"], **conditioning.unet_kwargs()).sample
         return dreambooth_loss(
             prediction, inputs["target"], cfg.batch_size, cfg.prior_loss_weight, inputs.get("weights")
         ).total
@@ -373,15 +390,19 @@ def _example_batch(run: Run, unet, unet_input: dict) -> dict[str, torch.Tensor]:
     return {
         "sample": torch.randn(rows, unet.config.in_channels, size, size, device=run.device).to(**unet_input),
         "timesteps": torch.randint(0, 1000, (rows,), device=run.device),
-        "context": run.prompts([run.instance[0].prompt] * rows, trainable=False).to(unet_input["dtype"]),
+        **run.prompts([run.instance[0].prompt] * rows, trainable=False).to(unet_input["dtype"]).tensors(),
     }
 
 
-def _step_inputs(noised, conditioning: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _conditioning_of(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return Conditioning.from_tensors(inputs).tensors()
+
+
+def _step_inputs(noised, conditioning: Conditioning, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
     inputs = {
         "sample": noised.noisy_latents,
         "timesteps": noised.timesteps,
-        "context": conditioning,
+        **conditioning.tensors(),
         "target": noised.target,
     }
     if weights is not None:
@@ -392,12 +413,14 @@ def _step_inputs(noised, conditioning: torch.Tensor, weights: torch.Tensor | Non
 def _capture(run: Run, unet, updater: Updater, unet_input: dict) -> Callable:
     """Record the UNet's forward and backward for this run's fixed batch shape, then clear the warm-up gradients."""
     example = _example_batch(run, unet, unet_input)
-    graphed = graph_denoiser(unet, example["sample"], example["timesteps"], example["context"])
+    names = list(_conditioning_of(example))
+    graphed = graph_denoiser(unet, example["sample"], example["timesteps"], {n: example[n] for n in names})
     if updater.flat_optimizer is not None and updater.flat.grad is not None:
         updater.flat.zero_grad()
 
-    def graphed_forward(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return graphed(sample, timesteps, context)
+    def graphed_forward(sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        parts = conditioning.tensors()
+        return graphed(sample, timesteps, *(parts[n] for n in names))
 
     return graphed_forward
 

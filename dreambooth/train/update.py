@@ -15,6 +15,7 @@ flat path that group holds only a placeholder), and its value is handed to the f
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 
 import torch
 
@@ -32,7 +33,7 @@ class Updater:
         self,
         config: TrainConfig,
         unet: torch.nn.Module,
-        text_encoder: torch.nn.Module | None,
+        text_encoders: Sequence[tuple[torch.nn.Module, float]],
         total_steps: int,
         flat: bool,
         in_backward: bool,
@@ -57,8 +58,8 @@ class Updater:
             groups = [{"params": [placeholder], "lr": config.learning_rate}]
         else:
             groups = [{"params": unet_params, "lr": config.learning_rate}]
-        if text_encoder is not None:
-            groups.append({"params": trainable(text_encoder.parameters()), "lr": config.text_encoder_lr})
+        for text_encoder, lr in text_encoders:  # one group each, at its own learning rate
+            groups.append({"params": trainable(text_encoder.parameters()), "lr": lr})
         self.torch_optimizer = build_optimizer(config, groups, allow_8bit=not flat)
         self.lr_scheduler = build_lr_scheduler(config, self.torch_optimizer, total_steps)
         self._clipped = [p for g in groups[0 if not flat else 1 :] for p in g["params"]]

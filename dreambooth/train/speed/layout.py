@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -108,24 +108,31 @@ def _allow_recompiles(count: int) -> None:
 
 
 class _Denoiser(torch.nn.Module):
-    """``unet(x, t, c)`` with positional tensors in and one tensor out, as CUDA graph capture needs."""
+    """``unet(x, t, conditioning)`` with positional tensors in and one tensor out, as CUDA graph capture needs; the
+    conditioning's parts come in the order of ``names`` (``Conditioning.tensors()``)."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.unet = unet
+        self.names = list(names)
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timesteps, context, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+        from ...models.conditioning import Conditioning
+
+        conditioning = Conditioning.from_tensors(dict(zip(self.names, parts)))
+        return self.unet(sample, timesteps, **conditioning.unet_kwargs(), return_dict=False)[0]
 
 
 def graph_denoiser(
-    unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
-) -> torch.nn.Module:
+    unet: torch.nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Mapping[str, torch.Tensor]
+) -> Callable[..., torch.Tensor]:
     """Capture the UNet's forward and backward as CUDA graphs (``torch.cuda.make_graphed_callables``) for inputs
-    of exactly these shapes, dtypes and memory formats; the result is called as ``f(sample, timesteps, context)``
-    and replays both graphs, so a step costs a handful of launches instead of thousands. No compiler needed.
-    Needs: no autocast, no host syncs or data-dependent control flow in the forward, weights updated in place."""
-    return torch.cuda.make_graphed_callables(_Denoiser(unet), (sample, timesteps, context), num_warmup_iters=3)
+    of exactly these shapes, dtypes and memory formats; ``conditioning`` is ``Conditioning.tensors()``. The result
+    is called as ``f(sample, timesteps, *conditioning.values())`` and replays both graphs, so a step costs a handful
+    of launches instead of thousands. No compiler needed. Needs: no autocast, no host syncs or data-dependent control
+    flow in the forward, weights updated in place."""
+    module = _Denoiser(unet, list(conditioning))
+    return torch.cuda.make_graphed_callables(module, (sample, timesteps, *conditioning.values()), num_warmup_iters=3)
 
 
 class ChannelsLastGroupNorm(torch.nn.GroupNorm):
