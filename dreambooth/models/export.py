@@ -32,13 +32,16 @@ def checkpoint_tensors(
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the single file: the models under their original names in the family's layout (floats cast
     to ``dtype``), then the source's other tensors (noise-schedule buffers ...) exactly as they were."""
-    tensors = (family or family_of(components)).export_tensors(components)
+    family = family or family_of(components)
+    tensors = family.export_tensors(components)
     out = {
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in tensors.items()
     }
     for key, value in (extra_tensors or {}).items():
         out.setdefault(key, value.contiguous())
+    for key, value in family.placeholder_tensors(components).items():
+        out.setdefault(key, value.to(dtype).contiguous())
     return out
 
 

@@ -104,6 +104,11 @@ class ModelFamily:
         """Every weight of the model under the names of its original single file."""
         raise NotImplementedError
 
+    def placeholder_tensors(self, components: Components) -> dict[str, torch.Tensor]:
+        """Tensors its released files have that no loader reads and the components do not hold, written only where
+        the source did not carry them (so that other tools see the layout they expect)."""
+        return {}
+
     def architecture(self, prediction_type: str) -> str:
         """Its ModelSpec ``modelspec.architecture``."""
         raise NotImplementedError

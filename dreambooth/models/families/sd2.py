@@ -60,6 +60,12 @@ class SD2(ModelFamily):
             **text_encoder_to_open_clip(components.text_encoder.state_dict(), PREFIX),
         }
 
+    def placeholder_tensors(self, components: Components) -> dict[str, torch.Tensor]:
+        """OpenCLIP's text projection (SD 2.x never uses it): diffusers' single-file loader reads its first
+        dimension as the width at which it splits the attention's joint q/k/v matrix, so it must be there."""
+        config = components.text_encoder.config
+        return {PREFIX + "text_projection": torch.zeros(config.hidden_size, config.projection_dim)}
+
     def architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
 

@@ -4,6 +4,7 @@ second's pooled embedding and six micro-conditioning numbers per image, 1024 px,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,6 +67,10 @@ class SDXL(ModelFamily):
             **text_encoder_to_ldm(components.text_encoder.state_dict(), CLIP_PREFIX),
             **text_encoder_to_open_clip(components.text_encoder_2.state_dict(), OPEN_CLIP_PREFIX),
         }
+
+    def placeholder_tensors(self, components: Components) -> dict[str, torch.Tensor]:
+        """OpenCLIP's logit scale (only contrastive training reads it), at the trained CLIP models' value ln 100."""
+        return {OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(math.log(100.0))}
 
     def architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-xl-v1-base" + ("/v-prediction" if prediction_type == "v_prediction" else "")
