@@ -98,3 +98,126 @@ def test_train_export_and_diffusers_reads_back_the_trained_tensors(
     assert not result.checkpoints[0].with_suffix(".yaml").exists()
     warnings = [e["message"] for e in events.collected if e["event"] == "warning"]
     assert any("gets no .yaml" in w and "released shape" in w for w in warnings)
+
+
+def test_sdxl_resume_continues_bit_for_bit(tiny_sdxl, tokenizer_dir, instance_dir, tmp_path):
+    from dreambooth.events import CANCEL_FILE, Events
+
+    config = _config(tiny_sdxl, tokenizer_dir, instance_dir, max_steps=6, hflip=True, center_crop=False,
+                     train_text_encoder_2=True, prior_preservation=False)
+    straight = run(config, tmp_path / "a" / "zwx", Events())
+    interrupted = tmp_path / "b" / "zwx"
+
+    def cancel_at_3(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == 3:
+            (interrupted / CANCEL_FILE).touch()
+
+    first = run(config, interrupted, Events(on_event=cancel_at_3))
+    assert first.cancelled and first.step == 3
+    resumed = run(config, interrupted, Events())
+    assert resumed.losses == straight.losses[3:]
+    a, b = read_tensors(straight.checkpoints[-1]), read_tensors(resumed.checkpoints[-1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sdxl_time_ids_come_from_the_crop_actually_applied(tiny_sdxl, tokenizer_dir, tmp_path):
+    """A 80x64 photo at 64 px: original size (64, 80), the centre crop starts 8 px in, and its mirror image's
+    crop starts 8 px in from the other side (the same here); a random crop moves the corner, and the UNet sees it."""
+    import random
+
+    from PIL import Image
+
+    from dreambooth.data.cache import ImageLatents, PromptEmbeddings
+    from dreambooth.models.conditioning import ImageGeometry
+
+    photo = tmp_path / "wide.png"
+    Image.new("RGB", (100, 64), (200, 30, 30)).save(photo)
+    components = tiny_sdxl.components
+    centre = ImageLatents(components.vae, 64, True, True, None, "m", torch.device("cpu"), 32)
+    centre.prepare([photo], (False, True), lambda *_: None)
+    generator = torch.Generator().manual_seed(0)
+    _, geometries = centre.sample([photo, photo], [False, True], random.Random(0), generator)
+    assert geometries == [ImageGeometry((64, 100), (0, 18), (64, 64)), ImageGeometry((64, 100), (0, 18), (64, 64))]
+    randomly = ImageLatents(components.vae, 64, False, False, None, "m", torch.device("cpu"), 32)
+    corners = {randomly.sample([photo], [False], random.Random(seed), generator)[1][0].crop_top_left
+               for seed in range(8)}
+    assert len(corners) > 1 and all(top == 0 and 0 <= left <= 36 for top, left in corners)
+    flipped = randomly.sample([photo], [True], random.Random(1), generator)[1][0]
+    plain = randomly.sample([photo], [False], random.Random(1), generator)[1][0]
+    assert flipped.crop_top_left[1] == 36 - plain.crop_top_left[1]
+
+    prompts = PromptEmbeddings(family_named("sdxl"), components, torch.device("cpu"), use_cache=True)
+    near, far = (prompts(["photo of zwx"], False, [ImageGeometry((64, 100), corner, (64, 64))])
+                 for corner in ((0, 0), (0, 36)))
+    assert near.time_ids.tolist() == [[64, 100, 0, 0, 64, 64]] and far.time_ids.tolist() == [[64, 100, 0, 36, 64, 64]]
+    assert torch.equal(near.context, far.context) and near.pooled.shape == (1, 16)
+    sample, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        a = components.unet(sample, t, **near.unet_kwargs()).sample
+        b = components.unet(sample, t, **far.unet_kwargs()).sample
+    assert not torch.allclose(a, b)
+
+
+def test_sdxl_context_is_both_penultimate_layers_and_the_pooled_embedding_the_second(tiny_sdxl, tokenizer_dir):
+    from dreambooth.data.cache import PromptEmbeddings
+
+    components = tiny_sdxl.components
+    prompts = PromptEmbeddings(family_named("sdxl"), components, torch.device("cpu"), use_cache=False)
+    conditioning = prompts(["photo of zwx disc"], trainable=False)
+    ids = [tok(["photo of zwx disc"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+           for tok in (components.tokenizer, components.tokenizer_2)]
+    with torch.no_grad():
+        first = components.text_encoder(ids[0], output_hidden_states=True).hidden_states[-2]
+        second = components.text_encoder_2(ids[1], output_hidden_states=True)
+    assert torch.equal(conditioning.context, torch.cat([first, second.hidden_states[-2]], dim=-1))
+    assert torch.equal(conditioning.pooled, second.text_embeds)
+    assert ids[1][0, -1] == 0 and ids[0][0, -1] == 49407  # OpenCLIP pads with '!' (0), OpenAI's CLIP with end-of-text
+
+
+def test_sd2_prediction_type_the_header_the_user_or_the_web_uis_test(tiny_sd2, tokenizer_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from dreambooth.models.load import load_model
+
+    args = (str(tokenizer_dir), str(tiny_sd2.config_dir))
+    tensors = read_tensors(tiny_sd2.path)
+    silent = tmp_path / "silent.safetensors"
+    save_file(tensors, str(silent))  # no header: the config folder given for it decides (v here)
+    assert load_model(silent, tmp_path / "w1", tmp_path / "c", *args).components.prediction_type == "v_prediction"
+    declared = tmp_path / "eps.safetensors"
+    save_file(tensors, str(declared), {"modelspec.prediction_type": "epsilon"})
+    loaded = load_model(declared, tmp_path / "w2", tmp_path / "c", *args)
+    assert loaded.components.prediction_type == "epsilon"
+    forced = load_model(declared, tmp_path / "w3", tmp_path / "c", *args, prediction_type="v_prediction")
+    assert forced.components.prediction_type == "v_prediction"
+    # what a stock-shaped file that declares nothing gets: the web UI's test on the UNet (random weights predict
+    # epsilon; a UNet whose output at t=999 sits far below its input is a v model)
+    sd2 = family_named("sd2")
+    assert sd2.detect_prediction(loaded.components) == "epsilon"
+    with torch.no_grad():
+        loaded.components.unet.conv_out.bias.fill_(-3.0)
+    assert sd2.detect_prediction(loaded.components) == "v_prediction"
+
+
+def test_a_half_precision_vae_encodes_in_fp32_and_gives_no_nan(tiny_sdxl, tmp_path):
+    """SDXL's VAE overflows fp16: a VAE stored in fp16 whose activations pass 65504 still gives finite latents."""
+    import copy
+    import random
+
+    from PIL import Image
+
+    from dreambooth.data.cache import ImageLatents
+
+    vae = copy.deepcopy(tiny_sdxl.components.vae)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(80000.0)  # its first activations pass fp16's 65504
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(photo)
+    vae.half()
+    with torch.no_grad():  # what encoding in the VAE's own fp16 gives
+        assert not torch.isfinite(vae.encode(torch.ones(1, 3, 64, 64).half()).latent_dist.mean).all()
+    latents = ImageLatents(vae, 64, True, True, None, "m", torch.device("cpu"), 32)
+    latents.prepare([photo], (False,), lambda *_: None)
+    sample, _ = latents.sample([photo], [False], random.Random(0), torch.Generator().manual_seed(0))
+    assert torch.isfinite(sample).all()
+    assert next(vae.parameters()).dtype == torch.float16  # handed back as it was
