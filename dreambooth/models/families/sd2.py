@@ -61,10 +61,11 @@ class SD2(ModelFamily):
         }
 
     def placeholder_tensors(self, components: Components) -> dict[str, torch.Tensor]:
-        """OpenCLIP's text projection (SD 2.x never uses it): diffusers' single-file loader reads its first
-        dimension as the width at which it splits the attention's joint q/k/v matrix, so it must be there."""
-        config = components.text_encoder.config
-        return {PREFIX + "text_projection": torch.zeros(config.hidden_size, config.projection_dim)}
+        """OpenCLIP's text projection and logit scale, which SD 2.x never uses (its released files have them, as
+        ViT-H's square projection). diffusers' single-file loader reads the projection's first dimension as the width
+        at which it splits the attention's joint q/k/v matrix, so it must be there."""
+        width = components.text_encoder.config.hidden_size
+        return {PREFIX + "text_projection": torch.zeros(width, width), PREFIX + "logit_scale": torch.tensor(4.6052)}
 
     def architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
