@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("new", help="write a model folder with a config.json of defaults")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--source", required=True, help="SD 1.x .safetensors/.ckpt or diffusers folder")
+    p.add_argument("--source", required=True, help="SD 1.x, SD 2.x or SDXL .safetensors/.ckpt, or a diffusers folder")
     p.add_argument("--instance-dir", required=True)
     p.add_argument("--instance-prompt", required=True)
     p.add_argument("--class-prompt", default="")
@@ -105,8 +105,9 @@ def _cancel_when_stdin_closes(model_dir: Path) -> None:
 
 def _new(args: argparse.Namespace) -> int:
     from .config import Concept, TrainConfig, check_model_name, save_config
+    from .supervisor import starting_settings
 
-    config = TrainConfig(
+    config = starting_settings(TrainConfig(
         model_name=check_model_name(args.model_dir.name),
         source_checkpoint=str(args.source),
         concepts=[
@@ -115,7 +116,7 @@ def _new(args: argparse.Namespace) -> int:
             )
         ],
         prior_preservation=bool(args.class_prompt),
-    )
+    ))
     if args.steps:
         config.max_steps = args.steps
     path = args.model_dir / "config.json"

@@ -86,15 +86,16 @@ class Busy(DreamBoothError):
 
 
 def starting_settings(config: TrainConfig) -> TrainConfig:
-    """A new model's settings, from what its source declares: the training resolution in its header (64 for the
-    demo model), and for the shipped demo model the demo's training settings (learning rates, steps, text-encoder
-    training, prior loss weight): the defaults are SD 1.5's, under which the tiny model learns nothing in a run."""
+    """A new model's settings, from its source: its native resolution (what its header declares, 64 for the demo
+    model, else its family's: 512, 768 for SD 2.x v-prediction, 1024 for SDXL), and for the shipped demo model the
+    demo's training settings (learning rates, steps, text-encoder training, prior loss weight): the defaults are
+    SD 1.5's, under which the tiny model learns nothing in a run."""
     from .demo.settings import DEMO_MODEL_TITLE, settings, training_values
-    from .models.load import declared_resolution, header_metadata
+    from .models.load import header_metadata, native_resolution
 
     metadata = header_metadata(Path(config.source_checkpoint))
     values: dict[str, Any] = {}
-    if (resolution := declared_resolution(metadata)) and resolution != config.resolution:
+    if (resolution := native_resolution(Path(config.source_checkpoint))) and resolution != config.resolution:
         values["resolution"] = resolution
     if metadata.get("modelspec.title") == DEMO_MODEL_TITLE:
         values.update(training_values(settings(quick=False)))

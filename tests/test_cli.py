@@ -160,3 +160,26 @@ def test_yaml_refuses_a_shape_the_web_ui_cannot_build(tmp_path, tiny):
     done = _cli("yaml", placed)
     assert done.returncode == 1 and "normalises in 8 groups" in done.stderr, done.stderr
     assert not placed.with_suffix(".yaml").exists()
+
+
+def test_new_takes_the_resolution_from_the_source_model(tmp_path, tokenizer_dir):
+    """The demo model declares 64 px in its header; an SDXL file that declares nothing gets SDXL's 1024, an SD 2.x
+    file that says it predicts v gets 768, one that says epsilon 512."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_families import build_tiny_sd2, build_tiny_sdxl, write_tiny_single_file
+
+    from dreambooth.demo.run import DEMO_CHECKPOINT as DEMO_MODEL
+
+    sdxl = write_tiny_single_file(build_tiny_sdxl(tokenizer_dir), "sdxl", tmp_path / "xl.safetensors")
+    sd2_v = write_tiny_single_file(build_tiny_sd2(tokenizer_dir), "sd2", tmp_path / "v.safetensors",
+                                   {"modelspec.prediction_type": "v"})
+    sd2 = write_tiny_single_file(build_tiny_sd2(tokenizer_dir), "sd2", tmp_path / "e.safetensors")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source, expected in ((DEMO_MODEL, 64), (sdxl, 1024), (sd2_v, 768), (sd2, 512)):
+        folder = tmp_path / f"m{expected}"
+        done = _cli("new", folder, "--source", source, "--instance-dir", photos, "--instance-prompt", "photo of zwx")
+        assert done.returncode == 0, done.stderr
+        assert json.loads((folder / "config.json").read_text())["resolution"] == expected, source
