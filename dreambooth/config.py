@@ -34,9 +34,12 @@ def option(
     choices: tuple[str, ...] | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    requires: str | None = None,
 ) -> Any:
-    """Declare one option as a dataclass field carrying its UI and validation metadata."""
-    meta = {"label": label, "help": help, "group": group, "choices": choices, "minimum": minimum, "maximum": maximum}
+    """Declare one option as a dataclass field carrying its UI and validation metadata. ``requires`` names a model
+    part (``Components`` attribute) without which the option does nothing: the tab hides it for such models."""
+    meta = {"label": label, "help": help, "group": group, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "requires": requires}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -252,7 +255,7 @@ class TrainConfig:
         False,
         label="Train text encoder",
         group="Text encoder",
-        help="Also fine-tune the CLIP text encoder (better likeness, more memory).",
+        help="Also fine-tune the text encoder (SDXL: its first, CLIP ViT-L) for better likeness, with more memory.",
     )
     text_encoder_lr: float = option(
         1e-6,
@@ -274,12 +277,14 @@ class TrainConfig:
         False,
         label="Train second text encoder",
         group="Text encoder",
+        requires="text_encoder_2",
         help="SDXL: also fine-tune its second text encoder (OpenCLIP ViT-bigG, 695M weights; much more memory).",
     )
     text_encoder_2_lr: float = option(
         1e-6,
         label="Second text encoder learning rate",
         group="Text encoder",
+        requires="text_encoder_2",
         minimum=0.0,
         maximum=1.0,
         help="SDXL: peak learning rate of the second text encoder.",
@@ -556,6 +561,7 @@ class OptionSpec:
     choices: tuple[str, ...] | None
     minimum: float | None
     maximum: float | None
+    requires: str | None = None
 
 
 def option_specs(cls: type = TrainConfig) -> list[OptionSpec]:

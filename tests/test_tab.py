@@ -279,3 +279,26 @@ def test_standalone_host_lists_checkpoints_of_its_models_folder(models: Path) ->
     assert host.checkpoint_titles() == ["base.safetensors", "new.safetensors", "sub/other.ckpt"]
     assert host.select_checkpoint(models / "Stable-diffusion" / "new.safetensors") == "new.safetensors"
     assert host.interrupt_requested() is False
+
+
+def test_the_picked_source_names_its_family_and_hides_options_that_do_not_apply(
+    tab: DreamBoothTab, models: Path, tokenizer_dir: Path
+) -> None:
+    from tiny_families import build_tiny_sdxl, write_tiny_single_file
+
+    write_tiny_single_file(build_tiny_sdxl(tokenizer_dir), "sdxl", models / "Stable-diffusion" / "xl.safetensors")
+    from dreambooth.demo.run import DEMO_CHECKPOINT
+
+    (models / "Stable-diffusion" / "demo.safetensors").write_bytes(DEMO_CHECKPOINT.read_bytes())
+    tab.host.refresh_checkpoints()
+    second = [i for i, f in enumerate(tab.fields) if f.spec.requires == "text_encoder_2"]
+    assert {tab.fields[i].spec.name for i in second} == {"train_text_encoder_2", "text_encoder_2_lr"}
+
+    info, *shown = tab.describe_source("xl.safetensors")
+    assert "**SDXL**" in info["value"] and "1024 px" in info["value"]
+    assert [u["visible"] for u in shown] == [True, True]
+    info, *shown = tab.describe_source("demo.safetensors")
+    assert "**SD 1.x**" in info["value"] and "64 px" in info["value"]
+    assert [u["visible"] for u in shown] == [False, False]
+    info, *shown = tab.describe_source("base.safetensors")  # 4 bytes: not a checkpoint
+    assert "not a readable checkpoint" in info["value"] and all(u["visible"] for u in shown)

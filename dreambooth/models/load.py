@@ -345,19 +345,47 @@ def declared_resolution(metadata: Mapping[str, Any]) -> int | None:
 
 def native_resolution(source: Path) -> int | None:
     """The side a source model was trained at: what its header declares, else its family's released size (512,
-    768 for SD 2.x v-prediction, 1024 for SDXL); None when the source cannot be identified from its header."""
-    declared = declared_resolution(header_metadata(source))
-    if declared:
-        return declared
-    if not source.is_file() or source.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        return None
+    768 for SD 2.x v-prediction, 1024 for SDXL); None when the source cannot be identified."""
     try:
-        shapes = read_shapes(source)
-        family = identify_single_file(shapes, source)
+        return describe_source(source).native_resolution
     except ModelFormatError:
         return None
-    prediction = family.declared_prediction(shapes, header_metadata(source)) or family.default_prediction
-    return family.native_resolution(prediction)
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """What the tab and the API say of a source before anything is loaded: read from headers and configs only."""
+
+    family: str
+    """The family's label, e.g. 'SDXL'."""
+    parts: tuple[str, ...]
+    """The model parts it has (``Components`` attributes): what options that ``require`` one apply to."""
+    prediction_type: str
+    """What it declares (or its family's usual one; SD 2.x's test on the weights runs only when it loads)."""
+    native_resolution: int
+
+
+def describe_source(source: Path) -> SourceSummary:
+    """Identify a single file from its header or a diffusers folder from its configs; ``ModelFormatError`` (with
+    what it is and what to pick instead) for what no family trains."""
+    source = Path(source)
+    if source.is_dir():
+        family = identify_folder(source, _read_json(source / "model_index.json"),
+                                 _read_json(source / "text_encoder" / "config.json"),
+                                 _read_json(source / "unet" / "config.json"))
+        prediction = _read_json(source / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+        resolution = family.native_resolution(prediction)
+    elif source.is_file():
+        shapes = read_shapes(source)
+        family = identify_single_file(shapes, source)
+        metadata = header_metadata(source)
+        prediction = family.declared_prediction(shapes, metadata) or family.default_prediction
+        resolution = declared_resolution(metadata) or family.native_resolution(prediction)
+    else:
+        raise ModelFormatError(f"Source checkpoint {source} does not exist.",
+                               "Pick a checkpoint the web UI lists, or give the full path to one.")
+    parts = ("unet", "vae", *family.text_encoder_names)
+    return SourceSummary(family.label, parts, prediction, resolution)
 
 
 def header_metadata(path: Path) -> dict:

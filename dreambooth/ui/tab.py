@@ -144,6 +144,7 @@ class DreamBoothTab:
             )
             self.refresh_sources = gr.Button("🔄", elem_id="dreambooth_refresh_sources", scale=0, min_width=40)
             self.create_button = gr.Button("Create", elem_id="dreambooth_create", scale=0, min_width=80)
+        self.source_info = gr.Markdown("", elem_id="dreambooth_source_family")
 
     def _build_form(self) -> None:
         self.components: list[Any] = []
@@ -220,6 +221,12 @@ class DreamBoothTab:
             show_progress="hidden",
         )
         self.blocks.load(self.restore, None, [*filled, self.source, self.run_state])
+        self.part_dependent = [i for i, f in enumerate(self.fields) if f.spec.requires]
+        described = [self.source_info, *(self.components[i] for i in self.part_dependent)]
+        self.source.change(self.describe_source, self.source, described)
+        self.components[self._index("source_checkpoint")].change(
+            self.describe_source, self.components[self._index("source_checkpoint")], described
+        )
 
     def _index(self, key: str) -> int:
         return next(i for i, f in enumerate(self.fields) if f.key == key)
@@ -258,6 +265,27 @@ class DreamBoothTab:
         except DreamBoothError as exc:
             return self._unchanged_fill(_error_text(exc))
         return self._fill(config, f"Created **{config.model_name}** from `{Path(config.source_checkpoint).name}`.")
+
+    def describe_source(self, source: str | None) -> list[Any]:
+        """Name the picked source's family (read from its header) and show only the options that apply to it."""
+        if not source:
+            return [gr.update(value=""), *(gr.update(visible=True) for _ in self.part_dependent)]
+        from ..models.load import describe_source
+
+        try:
+            path = self.host.checkpoint_file(source)
+        except KeyError:
+            path = Path(source)
+        try:
+            summary = describe_source(path)
+        except DreamBoothError as exc:
+            return [gr.update(value=_error_text(exc)), *(gr.update(visible=True) for _ in self.part_dependent)]
+        text = (f"**{summary.family}** model · trained at {summary.native_resolution} px · predicts "
+                f"{summary.prediction_type.replace('_', '-')}")
+        return [
+            gr.update(value=text),
+            *(gr.update(visible=self.fields[i].spec.requires in summary.parts) for i in self.part_dependent),
+        ]
 
     def show_concepts(self, count: float) -> list[Any]:
         """Show the first ``count`` concept panels."""
