@@ -32,6 +32,7 @@ from .speed.layout import (
     plain_group_norms,
     to_channels_last,
     uncompile_blocks,
+    uses_channels_last,
 )
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
@@ -89,7 +90,8 @@ def train(run: Run) -> RunResult:
     train_te = cfg.train_text_encoder and cfg.text_encoder_stop > 0
     unet.requires_grad_(True).train()
     text_encoder.requires_grad_(train_te).train(train_te)
-    if cfg.channels_last:
+    channels_last = uses_channels_last(cfg.channels_last, run.device)
+    if channels_last:
         to_channels_last(unet)
     weights_dtype = next(unet.parameters()).dtype
     updater = Updater(
@@ -124,7 +126,7 @@ def train(run: Run) -> RunResult:
 
     unet_input = {
         "dtype": weights_dtype,
-        "memory_format": torch.channels_last if cfg.channels_last else torch.contiguous_format,
+        "memory_format": torch.channels_last if channels_last else torch.contiguous_format,
     }
     autocast = (
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()

@@ -14,6 +14,12 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
+def uses_channels_last(requested: bool, device: torch.device) -> bool:
+    """Whether the UNet runs channels-last: when asked for, and not on the CPU, where torch's channels-last group
+    norm loses precision and nothing is faster for it (the CPU keeps NCHW whatever the option says)."""
+    return requested and device.type != "cpu"
+
+
 def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
     """``torch.compile`` with static shapes (one graph per batch size and resolution); ``mode`` as torch's."""
     return torch.compile(module, mode=mode, dynamic=False)
