@@ -13,7 +13,6 @@ from ..errors import ModelFormatError
 from .layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-SUPPORTED_FAMILIES = ("sd1",)
 
 
 def read_keys(path: Path) -> list[str]:
