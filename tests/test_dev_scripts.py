@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,3 +48,10 @@ def test_all_runs_both_profiles_with_every_test_and_passes_pytest_arguments(tmp_
 def test_ci_runs_all_and_slow_is_a_declared_marker():
     assert "bash dev/test.sh all" in (REPO / ".ci" / "run").read_text()
     assert '"slow: ' in (REPO / "pyproject.toml").read_text()
+
+
+def test_dev_only_code_lives_in_dev_not_in_the_package():
+    assert not (REPO / "dreambooth" / "demo" / "pretrain.py").exists()
+    done = subprocess.run([sys.executable, str(REPO / "dev" / "pretrain_demo_model.py"), "--help"], cwd=REPO.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "{train,export,unpack}" in done.stdout, done.stderr
