@@ -1,10 +1,12 @@
 """Run diffusers' train_dreambooth.py unchanged, with a :class:`StepClock` around its UNet calls.
 
-Usage: python bench/reference_run.py TIMING.json WARMUP TIMED SCRIPT [script args...]
+Usage: python bench/reference_run.py TIMING.json WARMUP TIMED SCRIPT [--bench-persistent-workers] [script args...]
 
 The script calls the UNet exactly once per training step (no validation prompt is given), so a wrapper on
 ``UNet2DConditionModel.forward`` marks step starts. The final ``DiffusionPipeline.from_pretrained`` +
-``save_pretrained`` is its save; both are wrapped to time it.
+``save_pretrained`` is its save; both are wrapped to time it. ``--bench-persistent-workers`` (ours, taken out
+before the script sees its arguments) makes its DataLoader keep its worker processes between epochs, which the
+script has no flag for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import StepClock
+
+PERSISTENT_FLAG = "--bench-persistent-workers"
+
+
+def keep_loader_workers() -> None:
+    """Give every DataLoader with worker processes ``persistent_workers=True`` unless it says otherwise."""
+    import torch.utils.data
+
+    loader_init = torch.utils.data.DataLoader.__init__
+
+    def init(self, *a, **k):
+        if k.get("num_workers", 0) > 0:
+            k.setdefault("persistent_workers", True)
+        loader_init(self, *a, **k)
+
+    torch.utils.data.DataLoader.__init__ = init
 
 
 def main() -> None:
@@ -52,6 +70,9 @@ def main() -> None:
 
     diffusers.DiffusionPipeline.save_pretrained = timed_save
 
+    if PERSISTENT_FLAG in args:
+        args = [a for a in args if a != PERSISTENT_FLAG]
+        keep_loader_workers()
     sys.argv = [script, *args]
     try:
         runpy.run_path(script, run_name="__main__")

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer steps and samples)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print events as JSON lines on stdout even on a terminal")
 
     p = commands.add_parser(
         "yaml", help="write the web UI's .yaml beside a checkpoint of unusual shape (the demo model and its children)"
@@ -143,11 +144,22 @@ def _options(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+
+    from .demo.progress import DemoProgress
     from .demo.run import run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    progress = DemoProgress(sys.stdout, json_lines=True if args.json else None)
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=progress)
+    if progress.json_lines:
+        print(json.dumps({"event": "report", "seconds": round(report.seconds, 1), "grid": str(report.grid),
+                          "rows": [dataclasses.asdict(r) for r in report.rows]}), flush=True)
+        return 0
     print(report.table())
     print(f"sample grid: {report.grid}")
+    print(f"{report.seconds:.0f} s on {os.cpu_count()} CPU threads here")
     return 0
 
 

@@ -8,7 +8,6 @@ what to do, then propagate.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -403,11 +402,3 @@ def _samples(config: TrainConfig, loaded: LoadedModel, model_dir: Path, step: in
         model_dir / "samples",
         step,
     )
-
-
-def read_events(model_dir: Path) -> list[dict]:
-    """Every event a model's runs logged, oldest first."""
-    log = model_dir / "logs" / "events.jsonl"
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]

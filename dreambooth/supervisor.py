@@ -184,6 +184,40 @@ class Supervisor:
         files = [p for p in output.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES]
         return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
 
+    def _claim_output_dir(self, config: TrainConfig) -> str | None:
+        """Make ``config.output_dir`` this model's own: empty, or another model's checkpoint folder (a config copied
+        from another model, or trained under a name never created), becomes ``<checkpoints>/<name>``. A folder the
+        user set for this model and no other is kept. Returns a warning when a copied folder was replaced."""
+        own = self.checkpoints_dir / check_model_name(config.model_name)
+        if not config.output_dir:
+            config.output_dir = str(own)
+            return None
+        owner = self._output_owner(Path(config.output_dir), config.model_name)
+        if owner is None:
+            return None
+        copied, config.output_dir = config.output_dir, str(own)
+        return (f"output_dir {copied} is the checkpoint folder of model {owner!r}; "
+                f"{config.model_name!r} saves its checkpoints to {own} instead.")
+
+    def _output_owner(self, folder: Path, name: str) -> str | None:
+        """The other model whose files ``folder`` would land among: its default checkpoint folder
+        ``<checkpoints>/<other>``, its model folder, or the output_dir its config.json names (or a folder inside
+        its default or model folder); None when the folder belongs to no other model."""
+        target = _same_path_key(folder)
+        for other in self.list_models():
+            if os.path.normcase(other) == os.path.normcase(name):
+                continue
+            if any(_inside(target, _same_path_key(place)) for place in (self.checkpoints_dir / other,
+                                                                          self.model_dir(other))):
+                return other
+            try:
+                configured = load_config(self.model_dir(other) / CONFIG_NAME).output_dir
+            except (ConfigError, OSError):
+                configured = ""
+            if configured and _same_path_key(Path(configured)) == target:
+                return other
+        return None
+
     def _resolve_source(self, source: str) -> str:
         if not source:
             raise ConfigError("No source checkpoint was given.", "Pick one of the web UI's checkpoints.")
@@ -202,8 +236,9 @@ class Supervisor:
             if self._busy_model is not None:
                 raise Busy(self._busy_model)
             warnings = validate_for_training(config)
-            if not config.output_dir:
-                config.output_dir = str(self.checkpoints_dir / config.model_name)
+            moved = self._claim_output_dir(config)
+            if moved:
+                warnings.append(moved)
             self._busy_model = config.model_name
             self._done.clear()
         try:
@@ -344,7 +379,9 @@ class Supervisor:
             elif kind == "sample":
                 s.samples = (s.samples + [str(p) for p in event.get("paths", [])])[-SAMPLES_KEPT:]
             elif kind == "warning":
-                s.warnings.append(str(event.get("message", "")))
+                message = str(event.get("message", ""))
+                if message not in s.warnings:  # the start's own checks and the engine's report the same warnings
+                    s.warnings.append(message)
             elif kind == "error":
                 s.error = f"{event.get('message', '')} {event.get('advice', '')}".strip()
                 s.message = "Failed"
@@ -431,3 +468,13 @@ class Supervisor:
             with self._lock:
                 self._status.warnings.append(f"Could not {what}: {exc}")
             return None
+
+
+def _same_path_key(path: Path) -> str:
+    """``path`` made absolute and normalised (case-folded on Windows), for comparing folders that need not exist."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both from :func:`_same_path_key`)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

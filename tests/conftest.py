@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,22 @@ from dreambooth.models.tiny import build_tiny_components, write_config_folder
 from dreambooth.models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hub_cache_of_the_tests(tmp_path_factory) -> Path:
+    """The Hugging Face cache that yamls for the web UI write to (``models/host_yaml.py``): a temporary folder, so
+    the tests never add entries to this machine's own cache (read by this process and every child it starts)."""
+    folder = tmp_path_factory.mktemp("hf-cache")
+    names = ("TRANSFORMERS_CACHE", "HF_HUB_CACHE")  # the first one each transformers version reads
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, str(folder)))
+    yield folder
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from pathlib import Path
 FAKE_ENGINE = r'''
 import json, os, sys, time
 from pathlib import Path
+sys.path.insert(0, REPOSITORY)
+from dreambooth.config import TrainConfig, validate_for_training
 
 def emit(_kind, **fields):
     print(json.dumps({"event": _kind, "time": time.time(), **fields}), flush=True)
@@ -36,6 +38,8 @@ if mode == "error":
 if mode == "crash":
     print("Traceback (most recent call last):\nRuntimeError: boom", file=sys.stderr, flush=True)
     sys.exit(3)
+for warning in validate_for_training(TrainConfig.from_dict(config)):  # as engine.run does: the start warned too
+    emit("warning", message=warning)
 emit("warning", message="a warning from the engine")
 saved = []
 for step in range(1, total + 1):
@@ -64,7 +68,8 @@ emit("finished", step=total, cancelled=False, checkpoints=saved)
 def write_fake_engine(folder: Path) -> list[str]:
     """Write the scripted child into ``folder``; returns the launcher to give the Supervisor."""
     script = folder / "fake_engine.py"
-    script.write_text(FAKE_ENGINE, encoding="utf-8")
+    repository = repr(str(Path(__file__).resolve().parents[1]))
+    script.write_text(FAKE_ENGINE.replace("REPOSITORY", repository, 1), encoding="utf-8")
     return [sys.executable, str(script)]
 
 

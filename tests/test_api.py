@@ -163,6 +163,39 @@ def test_train_status_conflict_cancel_and_checkpoints(served) -> None:
     assert client("POST", "/train", train_body(tmp_path, "second", 2))[0] == 202
 
 
+def test_training_a_new_name_with_a_copied_config_never_writes_into_the_other_models_folder(served) -> None:
+    client, supervisor, tmp_path = served
+    checkpoints = tmp_path / "models" / "Stable-diffusion"
+    assert client("POST", "/models", {"name": "first", "source_checkpoint": "base.safetensors"})[0] == 201
+    copied = {**client("GET", "/models/first/config")[1], **train_body(tmp_path, "copy", 4)}
+    assert copied["output_dir"] == str(checkpoints / "first")  # what the first model's config says
+    assert client("POST", "/train", copied)[0] == 202
+    assert supervisor.wait(30)
+    status = client("GET", "/status")[1]
+    assert status["finished"] and status["error"] is None
+    assert status["checkpoints"] == [str(checkpoints / "copy" / f"copy_{s}.safetensors") for s in (2, 4)]
+    assert not (checkpoints / "first").exists()
+    assert client("GET", "/models/copy/config")[1]["output_dir"] == str(checkpoints / "copy")
+    assert [c["name"] for c in client("GET", "/models/copy/checkpoints")[1]["checkpoints"]] == [
+        "copy_2.safetensors", "copy_4.safetensors"]
+    assert sum("checkpoint folder of model 'first'" in w for w in status["warnings"]) == 1
+    # a folder set for this model alone is kept
+    own = tmp_path / "elsewhere"
+    assert client("POST", "/train", {**train_body(tmp_path, "copy", 2), "output_dir": str(own)})[0] == 202
+    assert supervisor.wait(30)
+    assert client("GET", "/status")[1]["checkpoints"] == [str(own / "copy_2.safetensors")]
+
+
+def test_status_lists_each_warning_once(served) -> None:
+    client, supervisor, tmp_path = served
+    body = train_body(tmp_path, "zwx", 2)
+    body["concepts"][0]["instance_prompt"] = "photo of a dog"  # no rare token: the start and the engine both warn
+    assert client("POST", "/train", body)[0] == 202
+    assert supervisor.wait(30)
+    warnings = client("GET", "/status")[1]["warnings"]
+    assert len(warnings) == len(set(warnings)) and any("rare token" in w for w in warnings)
+
+
 def test_a_bad_config_is_a_400_naming_the_field(served) -> None:
     client, _, tmp_path = served
     body = train_body(tmp_path, "zwx", 2)

@@ -21,6 +21,8 @@ from safetensors import safe_open
 
 from dreambooth.ui.app import launch
 
+pytestmark = pytest.mark.slow  # Chromium and the standalone app; test_tab.py checks the form fast
+
 CHROMIUM = os.environ.get("DREAMBOOTH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

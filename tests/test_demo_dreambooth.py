@@ -25,6 +25,8 @@ import pytest
 
 from dreambooth.demo.run import run_demo
 
+pytestmark = pytest.mark.slow  # the reduced demo: two trainings of 800 steps and 96 sample batches
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

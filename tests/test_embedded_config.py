@@ -22,7 +22,7 @@ from dreambooth.engine import _save, run
 from dreambooth.errors import ModelFormatError
 from dreambooth.events import Events
 from dreambooth.models.export import CONFIG_METADATA_KEY, checkpoint_tensors, save_checkpoint
-from dreambooth.models.host_yaml import TEXT_ENCODER_FOLDER, web_ui_cannot_build
+from dreambooth.models.host_yaml import hub_cache, web_ui_cannot_build
 from dreambooth.models.load import (
     CONFIGS_DIR,
     LoadedModel,
@@ -108,10 +108,11 @@ def test_a_checkpoint_trained_from_the_demo_model_loads_alone_and_has_its_web_ui
     unet = params["unet_config"]["params"]
     assert unet["model_channels"] == 64 and unet["channel_mult"] == [1, 2, 2] and unet["context_dim"] == 64
     assert params["image_size"] == unet["image_size"] == 8 and "parameterization" not in params
-    text_folder = Path(params["cond_stage_config"]["params"]["version"])
-    assert text_folder == (output / TEXT_ENCODER_FOLDER).resolve()
-    assert json.loads((text_folder / "config.json").read_text())["hidden_size"] == 64
-    assert (text_folder / "vocab.json").is_file() and (text_folder / "merges.txt").is_file()
+    name = params["cond_stage_config"]["params"]["version"]
+    entry = hub_cache() / ("models--" + name.replace("/", "--"))
+    snapshot = entry / "snapshots" / (entry / "refs" / "main").read_text()
+    assert json.loads((snapshot / "config.json").read_text())["hidden_size"] == 64
+    assert (snapshot / "vocab.json").is_file() and (snapshot / "merges.txt").is_file()
 
     again = load_model(checkpoint, tmp_path / "w", tmp_path / "c", str(tokenizer_dir), config_dir="")
     assert again.diffusers_config == read_config_folder(DEMO_CONFIG_DIR)
@@ -136,7 +137,6 @@ def test_a_stock_model_gets_no_config_key_and_no_yaml(make_config, tiny, tmp_pat
     )
     path = _save(config, shaped, tmp_path / "tiny", 1, Events())
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [
-        TEXT_ENCODER_FOLDER,
         "zwx_1.safetensors",
         "zwx_1.yaml",
     ]

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dreambooth.models.export import checkpoint_tensors, save_checkpoint
 from dreambooth.models.load import CONFIGS_DIR, load_model
 from dreambooth.models.read import read_tensors
+
+pytestmark = pytest.mark.slow  # an SD 1.5-sized model built, saved and loaded on the CPU
 
 SD15_KEYS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}
 

@@ -114,3 +114,17 @@ def test_compiled_blocks_get_channels_last_norms_previews_and_undo_get_plain_one
     assert {type(m) for m in swapped} == {ChannelsLastGroupNorm}
     assert plain_group_norms(unet) == swapped
     assert {type(m) for m in norms} == {torch.nn.GroupNorm}
+
+
+def test_the_cpu_keeps_the_unet_nchw_when_channels_last_is_asked_for(make_config, model_dir, events, monkeypatch):
+    """torch's channels-last group norm on the CPU loses precision; the CPU gains nothing from the layout."""
+    import dreambooth.train.loop as loop
+    from dreambooth.engine import run
+    from dreambooth.train.speed.layout import uses_channels_last
+
+    assert not uses_channels_last(True, torch.device("cpu"))
+    assert uses_channels_last(True, torch.device("cuda")) and not uses_channels_last(False, torch.device("cuda"))
+    converted = []
+    monkeypatch.setattr(loop, "to_channels_last", lambda module: converted.append(module) or module)
+    run(make_config(max_steps=1, channels_last=True, device="cpu"), model_dir, events)
+    assert converted == []

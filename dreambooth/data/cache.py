@@ -193,4 +193,5 @@ class PromptEmbeddings:
     @property
     def tokenizers(self) -> list:
         """One tokenizer per text encoder, in the family's order."""
-        return [getattr(self.components, n.replace("text_encoder", "tokenizer")) for n in self.family.text_encoder_names]
+        names = (n.replace("text_encoder", "tokenizer") for n in self.family.text_encoder_names)
+        return [getattr(self.components, name) for name in names]

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,29 +82,46 @@ class DemoReport:
 
 def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path = DEMO_CHECKPOINT,
              config_dir: Path = DEMO_CONFIG_DIR, events: Any = None,
-             overrides: dict[str, Any] | None = None, tokenizer_dir: str = "") -> DemoReport:
+             overrides: dict[str, Any] | None = None, tokenizer_dir: str = "",
+             progress: Callable[[dict[str, Any]], None] | None = None) -> DemoReport:
     """Write the instance images, train with and without prior preservation, score base and both, draw a grid.
 
-    ``overrides`` replaces fields of :class:`DemoSettings` (for measuring other settings).
+    ``overrides`` replaces fields of :class:`DemoSettings` (for measuring other settings). ``progress`` gets every
+    event as it happens, tagged with its phase (:class:`.progress.DemoProgress` draws them).
     """
     from ..engine import run as run_engine
     from ..events import Events
     from ..models.load import load_model
+    from .progress import PHASE
 
     started = time.time()
+    phase = ""
+
+    def report(event: dict[str, Any]) -> None:
+        if progress is not None:
+            progress({**event, PHASE: phase})
+
+    def begin(name: str) -> None:
+        nonlocal phase
+        phase = name
+        report({"event": "phase", "time": round(time.time(), 3)})
+
     options = dataclasses.replace(settings(quick), **(overrides or {}))
     out_dir = Path(out_dir)
     instance_dir = write_instance_images(out_dir / "instance", seed, options.captions)
     checkpoints, losses = {}, {}
     for name, prior in (("prior", True), ("no prior", False)):
+        begin(f"Training {'with' if prior else 'without'} prior preservation"
+              + (" (class images first)" if prior else ""))
         model_name = "shapes-zwx-" + name.replace(" ", "")
         config = demo_config(model_name, instance_dir, checkpoint, config_dir, options, prior, seed)
         config.tokenizer_dir = tokenizer_dir
         model_dir = out_dir / model_name
-        log = events or Events(log_path=model_dir / "logs" / "events.jsonl")
+        log = events or Events(log_path=model_dir / "logs" / "events.jsonl", on_event=report)
         result = run_engine(config, model_dir, log)
         checkpoints[name] = result.checkpoints[-1]
         losses[name] = list(result.losses)
+    begin("Sampling and judging")
     rows, pictures = [], {}
     base = load_model(checkpoint, out_dir / "base" / "working", out_dir / "base" / "cache",
                       tokenizer_dir, str(config_dir)).components
@@ -111,16 +129,28 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
     for name, path in checkpoints.items():
         models[name] = load_model(path, out_dir / "eval" / name.replace(" ", ""), out_dir / "eval" / "cache",
                                   tokenizer_dir, str(config_dir)).components
+    prompts = (INSTANCE_PROMPT, CONTEXT_PROMPT, CLASS_PROMPT)
+    batches = 1 + len(models) * len(prompts)
+
+    def sampled(done: int) -> None:
+        report({"event": "progress", "time": round(time.time(), 3), "phase": "sample batches", "done": done,
+                "total": batches})
+
     # the drift's noise floor: two sets of base samples differ by chance alone; the base row reports that distance
     base_class = judge_batch(_sample(base, CLASS_PROMPT, options, seed + 200_000))
+    sampled(1)
     for name, components in models.items():
-        samples = {prompt: _sample(components, prompt, options, seed + 100_000)
-                   for prompt in (INSTANCE_PROMPT, CONTEXT_PROMPT, CLASS_PROMPT)}
+        samples = {}
+        for prompt in prompts:
+            samples[prompt] = _sample(components, prompt, options, seed + 100_000)
+            sampled(2 + len(pictures) * len(prompts) + len(samples) - 1)
         verdicts = {prompt: judge_batch(images) for prompt, images in samples.items()}
         rows.append(score(name, verdicts, base_class))
         pictures[name] = samples
     grid = write_grid(pictures, out_dir / "demo_grid.png")
-    return DemoReport(rows, checkpoints, losses, grid, time.time() - started, options)
+    seconds = time.time() - started
+    report({"event": "demo_finished", "time": round(time.time(), 3), "seconds": round(seconds, 1)})
+    return DemoReport(rows, checkpoints, losses, grid, seconds, options)
 
 
 def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_dir: Path, options: DemoSettings,

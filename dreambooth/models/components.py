@@ -30,7 +30,8 @@ class Components:
     @property
     def text_encoders(self) -> dict[str, Any]:
         """The text encoders present, by attribute name ('text_encoder', 'text_encoder_2')."""
-        return {name: model for name in ("text_encoder", "text_encoder_2") if (model := getattr(self, name)) is not None}
+        names = ("text_encoder", "text_encoder_2")
+        return {name: model for name in names if (model := getattr(self, name)) is not None}
 
     @property
     def models(self) -> dict[str, Any]:

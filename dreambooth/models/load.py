@@ -228,7 +228,9 @@ def _half_precision_components(tensors: Mapping[str, torch.Tensor], family: Mode
     return found
 
 
-def _from_single_file(path: Path, config_folder: Path, tokenizers: Mapping[str, Any], family: ModelFamily) -> Components:
+def _from_single_file(
+    path: Path, config_folder: Path, tokenizers: Mapping[str, Any], family: ModelFamily
+) -> Components:
     import diffusers
     from diffusers import DDPMScheduler
 

@@ -33,6 +33,7 @@ from .speed.layout import (
     plain_group_norms,
     to_channels_last,
     uncompile_blocks,
+    uses_channels_last,
 )
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
@@ -92,7 +93,8 @@ def train(run: Run) -> RunResult:
     unet.requires_grad_(True).train()
     for name, module in run.components.text_encoders.items():
         module.requires_grad_(name in text_encoders).train(name in text_encoders)
-    if cfg.channels_last:
+    channels_last = uses_channels_last(cfg.channels_last, run.device)
+    if channels_last:
         to_channels_last(unet)
     weights_dtype = next(unet.parameters()).dtype
     updater = Updater(
@@ -127,7 +129,7 @@ def train(run: Run) -> RunResult:
 
     unet_input = {
         "dtype": weights_dtype,
-        "memory_format": torch.channels_last if cfg.channels_last else torch.contiguous_format,
+        "memory_format": torch.channels_last if channels_last else torch.contiguous_format,
     }
     autocast = (
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()

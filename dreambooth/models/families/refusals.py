@@ -24,9 +24,9 @@ def refuse_single_file(shapes: Shapes, path: Path) -> None:
 
 
 def _what_it_is(shapes: Shapes, keys: list[str]) -> tuple[str, str] | None:
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")) for k in keys) or any(
-        ".lora_down." in k or ".lora_A." in k or ".lora.down." in k or "lokr_" in k or ".hada_" in k for k in keys
-    ):
+    lora_prefixes = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
+    lora_parts = (".lora_down.", ".lora_A.", ".lora.down.", "lokr_", ".hada_")
+    if any(k.startswith(lora_prefixes) or any(part in k for part in lora_parts) for k in keys):
         return ("a LoRA (a small add-on for a checkpoint)",
                 "Pick the checkpoint it was made for; the web UI applies LoRAs from its Lora tab.")
     if any("joint_blocks." in k for k in keys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -14,30 +13,15 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
+def uses_channels_last(requested: bool, device: torch.device) -> bool:
+    """Whether the UNet runs channels-last: when asked for, and not on the CPU, where torch's channels-last group
+    norm loses precision and nothing is faster for it (the CPU keeps NCHW whatever the option says)."""
+    return requested and device.type != "cpu"
+
+
 def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
     """``torch.compile`` with static shapes (one graph per batch size and resolution); ``mode`` as torch's."""
     return torch.compile(module, mode=mode, dynamic=False)
-
-
-class Stopwatch:
-    """Wall-clock seconds around device work: synchronizes at both ends so queued kernels are counted."""
-
-    def __init__(self, device: torch.device | str | None = None) -> None:
-        self.device = torch.device(device) if device is not None else None
-        self.start = 0.0
-
-    def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> Stopwatch:  # noqa: PYI034 (typing.Self needs Python 3.11; the web UI runs 3.10)
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
 
 
 def compile_blocks(

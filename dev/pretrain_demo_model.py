@@ -5,13 +5,13 @@ Two phases, each bounded by wall-clock seconds so a run fits its slot:
 2. the UNet and the text encoder together on freshly drawn captioned scenes, encoded by the frozen
    autoencoder on the fly: epsilon prediction on SD 1.x's noise schedule, 10% empty captions (for
    classifier-free guidance), offset noise (so flat black and white backgrounds are reachable), EMA weights.
-Then it samples 100 pictures per prompt family, scores them with :mod:`.evaluate` and writes the three
+Then it samples 100 pictures per prompt family, scores them with :mod:`dreambooth.demo.evaluate` and writes the three
 components as diffusers-named fp16 safetensors plus their configs; ``--export`` on any machine turns those into
 the shipped single file (original layout) and config folder.
 
-    python -m dreambooth.demo.pretrain train --out OUT [--vae-seconds 90 --unet-seconds 300]
-    python -m dreambooth.demo.pretrain export OUT dreambooth/demo/model
-    python -m dreambooth.demo.pretrain unpack dreambooth/demo/model OUT   # the shipped model as a run to continue
+    python dev/pretrain_demo_model.py train --out OUT [--vae-seconds 90 --unet-seconds 300]
+    python dev/pretrain_demo_model.py export OUT dreambooth/demo/model
+    python dev/pretrain_demo_model.py unpack dreambooth/demo/model OUT   # the shipped model as a run to continue
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import shapes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: the package beside it
+
+from dreambooth.demo import shapes  # noqa: E402
 
 UNET = {
     "sample_size": 8,
@@ -261,7 +264,7 @@ def prompt_families() -> dict[str, list[tuple[str, dict[str, str]]]]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``train`` on a GPU, ``export`` anywhere."""
-    parser = argparse.ArgumentParser(prog="python -m dreambooth.demo.pretrain")
+    parser = argparse.ArgumentParser(prog="python dev/pretrain_demo_model.py")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train")
     train.add_argument("--out", type=Path, required=True)
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
 def run_training(args: argparse.Namespace) -> None:
     """Both phases, the scoring and the files, into ``args.out``."""
 
-    from ..models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
+    from dreambooth.models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -341,8 +344,8 @@ def run_training(args: argparse.Namespace) -> None:
 def score_prompt_families(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, samples: int,
                           device: torch.device, seed: int = 1234) -> dict[str, dict[str, float]]:
     """Accuracy of each asked-for attribute over ``samples`` pictures per prompt family (prompts cycled)."""
-    from .evaluate import judge_batch
-    from .sampling import sample_images
+    from dreambooth.demo.evaluate import judge_batch
+    from dreambooth.demo.sampling import sample_images
 
     results = {}
     for family, prompts in prompt_families().items():
@@ -364,9 +367,9 @@ def export_model(trained: Path, model_dir: Path) -> Path:
     the file's header carries the config folder too, so it loads with no ``model_config_dir``."""
     from safetensors.torch import load_file, save_file
 
-    from ..models.export import config_metadata
-    from ..models.layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-    from ..models.load import read_config_folder
+    from dreambooth.models.export import config_metadata
+    from dreambooth.models.layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from dreambooth.models.load import read_config_folder
 
     configs = json.loads((trained / "configs.json").read_text())
     state = {}
@@ -387,7 +390,7 @@ def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:
     """The inverse of :func:`export_model`: the shipped file as a run folder for ``--init-from``/``--vae-from``."""
     import tempfile
 
-    from ..models.load import load_model
+    from dreambooth.models.load import load_model
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
