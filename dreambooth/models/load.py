@@ -73,6 +73,10 @@ class LoadedModel:
     bf16) when every weight of it in a single-file source had it (most checkpoints people share), as nothing finer
     exists to keep; fp32 when absent (mixed or fp32 weights, diffusers folders)."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.family, str):  # a family given by its name
+            self.family = family_named(self.family)
+
 
 def load_model(
     source: str | Path,
@@ -433,13 +437,14 @@ def write_config_folder(configs: Mapping[str, dict], folder: Path) -> Path:
     return folder
 
 
-def is_stock_config(configs: Mapping[str, dict], family: ModelFamily) -> bool:
+def is_stock_config(configs: Mapping[str, dict], family: ModelFamily | str) -> bool:
     """Whether ``configs`` build the same models and noise schedule as one of the family's shipped config folders.
 
     The UNet and VAE are compared with their classes' defaults filled in (but their ``sample_size``, which only
     sets the default image size and tiling), the text encoders by their shape, the scheduler by its training
     schedule; names, versions and dtypes do not count.
     """
+    family = family_named(family) if isinstance(family, str) else family
     mine = _architecture(configs)
     return any(
         mine == _architecture(read_config_folder(CONFIGS_DIR / folder, family))
