@@ -211,7 +211,7 @@ def list_models():
 re_strip_checksum = re.compile(r"\\s*\\[[^]]+]\\s*$")
 
 
-def get_closet_checkpoint_match(search_string):  # the web UI 1.10's, line for line
+def get_closet_checkpoint_match(search_string):  # the web UI 1.10's (lines wrapped)
     if not search_string:
         return None
 
@@ -219,12 +219,14 @@ def get_closet_checkpoint_match(search_string):  # the web UI 1.10's, line for l
     if checkpoint_info is not None:
         return checkpoint_info
 
-    found = sorted([info for info in checkpoints_list.values() if search_string in info.title], key=lambda x: len(x.title))
+    found = sorted([info for info in checkpoints_list.values() if search_string in info.title],
+                   key=lambda x: len(x.title))
     if found:
         return found[0]
 
     search_string_without_checksum = re.sub(re_strip_checksum, '', search_string)
-    found = sorted([info for info in checkpoints_list.values() if search_string_without_checksum in info.title], key=lambda x: len(x.title))
+    found = sorted([info for info in checkpoints_list.values() if search_string_without_checksum in info.title],
+                   key=lambda x: len(x.title))
     if found:
         return found[0]
 
