@@ -19,10 +19,13 @@
             .then(function (r) { return r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status)); })
             .then(function (answer) {
                 failures = 0;
-                if (seen !== null && answer.saved !== seen && answer.refresh) {
-                    var button = findButton(answer.refresh);
-                    if (button) button.click();
-                    window.dreamboothCheckpointWatch.refreshes += 1;
+                if (seen !== null && answer.saved !== seen) {
+                    window.dreamboothCheckpointWatch.saves += 1;
+                    var button = answer.refresh ? findButton(answer.refresh) : null;
+                    if (button) {
+                        button.click();
+                        window.dreamboothCheckpointWatch.refreshes += 1;
+                    }
                 }
                 seen = answer.saved;
                 setTimeout(next, 50);
@@ -33,7 +36,7 @@
                 setTimeout(next, Math.min(30000, 500 * Math.pow(2, failures)));
             });
     }
-    window.dreamboothCheckpointWatch = {refreshes: 0, active: function () { return !stopped; }};
+    window.dreamboothCheckpointWatch = {saves: 0, refreshes: 0, active: function () { return !stopped; }};
     if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", next);
     else next();
 })();
