@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("new", help="write a model folder with a config.json of defaults")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--source", required=True, help="SD 1.x, SD 2.x or SDXL .safetensors/.ckpt, or a diffusers folder")
+    p.add_argument("--source", required=True,
+                   help="SD 1.x, SD 2.x or SDXL .safetensors/.ckpt or diffusers folder, or a checkpoint under "
+                        "--models-dir named as the web UI names it (title with or without hash, file name, name "
+                        "without extension, hash)")
+    p.add_argument("--models-dir", type=Path, default=Path("models"),
+                   help="the web UI's models folder, whose Stable-diffusion/ checkpoints --source may name")
     p.add_argument("--instance-dir", required=True)
     p.add_argument("--instance-prompt", required=True)
     p.add_argument("--class-prompt", default="")
@@ -108,9 +113,14 @@ def _new(args: argparse.Namespace) -> int:
     from .config import Concept, TrainConfig, check_model_name, save_config
     from .supervisor import starting_settings
 
+    source = _source_file(args.source, Path(args.models_dir) / "Stable-diffusion")
+    if source is None:
+        print(f"error: {args.source!r} is neither a file nor a checkpoint under {args.models_dir}/Stable-diffusion.",
+              file=sys.stderr)
+        return 1
     config = starting_settings(TrainConfig(
         model_name=check_model_name(args.model_dir.name),
-        source_checkpoint=str(args.source),
+        source_checkpoint=source,
         concepts=[
             Concept(
                 instance_dir=args.instance_dir, instance_prompt=args.instance_prompt, class_prompt=args.class_prompt
@@ -127,6 +137,16 @@ def _new(args: argparse.Namespace) -> int:
     save_config(TrainConfig.from_dict(config.to_dict()), path)
     print(path)
     return 0
+
+
+def _source_file(source: str, checkpoints_dir: Path) -> str | None:
+    """An existing path as given, else the checkpoint the web UI's lookup would pick under ``checkpoints_dir``."""
+    from .host.lookup import checkpoint_titles, closest_checkpoint
+
+    if Path(source).exists():
+        return str(source)
+    found = closest_checkpoint(source, checkpoint_titles(checkpoints_dir))
+    return str(found) if found is not None else None
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ HTTP basic authentication exactly like the host's own ``/sdapi/v1`` routes.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from secrets import compare_digest
@@ -22,6 +24,11 @@ from .errors import ConfigError, DreamBoothError
 from .supervisor import Busy, Supervisor
 
 API_PREFIX = "/dreambooth/v1"
+PAGE_PREFIX = "/dreambooth/internal"
+"""Routes of the web UI's own pages (like the web UI's ``/internal/*``): outside the API and its --api-auth,
+mounted even with --dreambooth-no-api, and telling nothing but a count and a button's id."""
+WATCH_LIMIT_S = 25.0
+WATCH_STEP_S = 0.25
 
 
 def parse_credentials(spec: str | None) -> dict[str, str] | None:
@@ -106,6 +113,33 @@ def build_router(supervisor: Supervisor, credentials: dict[str, str] | None = No
         return {"cancelling": running}
 
     return router
+
+
+def build_page_router(supervisor: Supervisor) -> APIRouter:
+    """``GET /checkpoints?after=N``: a long poll for every open page of the web UI (``javascript/dreambooth.js``).
+
+    Answers ``{"saved": count, "running": bool, "refresh": id}`` at once when the supervisor's count of saved
+    checkpoints differs from ``after`` (or ``after`` is absent), else as soon as it does, or after ``wait``
+    seconds (at most 25). ``refresh`` is the id of the host's button that re-lists the txt2img dropdown. The
+    wait sleeps on the event loop: an idle page costs one request per 25 s and no thread.
+    """
+    router = APIRouter()
+
+    @router.get("/checkpoints")
+    async def watch_checkpoints(after: int | None = None, wait: float = WATCH_LIMIT_S) -> Any:
+        """Wait until a checkpoint has been saved since ``after``."""
+        deadline = time.monotonic() + max(0.0, min(wait, WATCH_LIMIT_S))
+        while after is not None and supervisor.saved_count() == after and time.monotonic() < deadline:
+            await asyncio.sleep(WATCH_STEP_S)
+        return {"saved": supervisor.saved_count(), "running": supervisor.running_model() is not None,
+                "refresh": supervisor.host.checkpoint_refresh_element}
+
+    return router
+
+
+def mount_page_routes(app: FastAPI, supervisor: Supervisor, prefix: str = PAGE_PREFIX) -> None:
+    """Add the pages' routes (:func:`build_page_router`) under ``prefix``."""
+    app.include_router(build_page_router(supervisor), prefix=prefix)
 
 
 def mount(app: FastAPI, supervisor: Supervisor, credentials: dict[str, str] | None = None,

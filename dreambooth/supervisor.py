@@ -132,6 +132,7 @@ class Supervisor:
         self._done = threading.Event()
         self._done.set()
         self._output_tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+        self._saved_count = 0
         atexit.register(self.shutdown)
 
     # ---- model folders -------------------------------------------------------------------------------------
@@ -221,8 +222,11 @@ class Supervisor:
     def _resolve_source(self, source: str) -> str:
         if not source:
             raise ConfigError("No source checkpoint was given.", "Pick one of the web UI's checkpoints.")
-        if source in self.host.checkpoint_titles():
-            return str(self.host.checkpoint_file(source))
+        if source in self.host.checkpoint_titles() or not Path(source).is_absolute():
+            try:  # every name the host's own lookup accepts: a title with or without hash, a file name, a hash …
+                return str(self.host.checkpoint_file(source))
+            except KeyError:
+                pass
         if Path(source).exists():
             return str(Path(source).resolve())
         raise ConfigError(f"Source checkpoint {source!r} is neither a listed checkpoint nor an existing file.",
@@ -273,6 +277,12 @@ class Supervisor:
         """A copy of the current (or last) run's status."""
         with self._lock:
             return copy.deepcopy(self._status)
+
+    def saved_count(self) -> int:
+        """How many checkpoints runs of this supervisor have saved so far; it grows right after the host has
+        re-listed each new file, so a page that sees it grow can re-list its dropdown and find the file."""
+        with self._lock:
+            return self._saved_count
 
     def running_model(self) -> str | None:
         """The name of the model that trains now, or None."""
@@ -394,6 +404,8 @@ class Supervisor:
             step, total, text = s.step, s.total, s.message
         if kind == "checkpoint_saved":
             self._host_call("refresh the checkpoint list", self.host.refresh_checkpoints)
+            with self._lock:
+                self._saved_count += 1
         if kind in ("started", "step", "progress"):
             detail = text if kind != "step" else f"step {step}/{total}"
             self._host_call("show progress", self.host.job_progress, step, total, detail)

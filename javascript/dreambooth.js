@@ -1,8 +1,50 @@
+// Every page of the web UI, whether or not it ever opens the DreamBooth tab: one long poll of
+// ./dreambooth/internal/checkpoints waits on the server (up to 25 s a request, no traffic in between) until a
+// training saves a checkpoint; then the page clicks the button the server names (the web UI's or Forge's 🔄 of
+// the txt2img checkpoint dropdown), so the new file is listed within a second on every open page.
+(function () {
+    if (window.dreamboothCheckpointWatch) return;
+    var URL = "./dreambooth/internal/checkpoints";
+    var seen = null;
+    var failures = 0;
+    var stopped = false;
+    function findButton(id) {
+        var app = document.querySelector("gradio-app");
+        var root = (app && app.shadowRoot) || document;
+        return root.querySelector("#" + id) || document.getElementById(id);
+    }
+    function next() {
+        if (stopped) return;
+        fetch(URL + (seen === null ? "" : "?after=" + seen), {credentials: "same-origin", cache: "no-store"})
+            .then(function (r) { return r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status)); })
+            .then(function (answer) {
+                failures = 0;
+                if (seen !== null && answer.saved !== seen) {
+                    window.dreamboothCheckpointWatch.saves += 1;
+                    var button = answer.refresh ? findButton(answer.refresh) : null;
+                    if (button) {
+                        button.click();
+                        window.dreamboothCheckpointWatch.refreshes += 1;
+                    }
+                }
+                seen = answer.saved;
+                setTimeout(next, 50);
+            })
+            .catch(function () {  // the web UI restarting, or no route: back off, give up after ~10 minutes
+                failures += 1;
+                if (failures > 20) { stopped = true; return; }
+                setTimeout(next, Math.min(30000, 500 * Math.pow(2, failures)));
+            });
+    }
+    window.dreamboothCheckpointWatch = {saves: 0, refreshes: 0, active: function () { return !stopped; }};
+    if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", next);
+    else next();
+})();
+
 // DreamBooth tab: while a run is active, ask the server for its progress once a second by clicking the
-// tab's hidden poll button (every 5 s while the tab is hidden, e.g. while the user is on txt2img). Each time the
-// list of saved checkpoints grows, the web UI's own checkpoint refresh button is clicked, so the new file is in
-// the txt2img dropdown at once. The loop stops when the run is idle, when the page goes, and while a hidden tab
-// has no run; it starts again on Train, on page load and when the tab is shown again.
+// tab's hidden poll button (every 5 s while the tab is hidden, e.g. while the user is on txt2img). The loop
+// stops when the run is idle, when the page goes, and while a hidden tab has no run; it starts again on Train,
+// on page load and when the tab is shown again.
 (function () {
     if (window.dreamboothTab) return;
     var POLL_MS = 1000;
@@ -12,25 +54,12 @@
     var idleTicks = 0;
     var waiting = false;
     var ticks = 0;
-    var checkpointsSeen = -1;
 
     function root() {
         var app = document.querySelector("gradio-app");
         return (app && app.shadowRoot) || document;
     }
     function find(id) { return root().querySelector("#" + id) || document.getElementById(id); }
-    function savedCheckpoints() {
-        var list = find("dreambooth_checkpoints");
-        return list ? list.querySelectorAll("input[type=radio]").length : 0;
-    }
-    function refreshWebUiCheckpoints() {
-        var now = savedCheckpoints();
-        if (checkpointsSeen >= 0 && now > checkpointsSeen) {
-            var refresh = find("refresh_sd_model_checkpoint");  // the web UI's quicksettings 🔄
-            if (refresh) refresh.click();
-        }
-        checkpointsSeen = now;
-    }
     function runState() {
         var box = find("dreambooth_run_state");
         var input = box && box.querySelector("textarea, input");
@@ -59,7 +88,6 @@
     function tick() {
         var poll = find("dreambooth_poll");
         if (!poll) { stop(); return; }
-        refreshWebUiCheckpoints();  // what the previous poll brought
         var running = runState() === "running";
         if (!tabShown()) {
             if (!running) { stop(); resumeWhenShown(); return; }

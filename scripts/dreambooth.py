@@ -1,6 +1,7 @@
 """The web UI's entry point: registers the DreamBooth tab, its HTTP API and its settings section.
 
-Everything else lives in ``dreambooth/``; ``dreambooth/host/a1111.py`` is the only module that talks to the web UI.
+Everything else lives in ``dreambooth/``: ``dreambooth/extension.py`` registers, and the adapters in
+``dreambooth/host/`` (the AUTOMATIC1111 web UI's or Forge's, chosen by what is importable) talk to the web UI.
 Inside the web UI's process that folder is imported under the name ``PACKAGE``, not ``dreambooth``: d8ahazard's
 DreamBooth extension is a package named ``dreambooth`` too, Python keeps one module per name, and whichever of
 the two loaded second would run the other's code. The training process (``python -m dreambooth``) is our own.
@@ -34,4 +35,4 @@ def load_package(name: str = PACKAGE):
 
 
 load_package()
-importlib.import_module(f"{PACKAGE}.host.a1111").register()
+importlib.import_module(f"{PACKAGE}.extension").register()

@@ -41,14 +41,16 @@ sys.path.insert(0, str(repo))  # what the web UI does while it loads an extensio
 entry = script_loading.load_module(str(repo / "scripts" / "dreambooth.py"))
 sys.path.remove(str(repo))
 assert "dreambooth" not in sys.modules, "the name belongs to d8ahazard's extension too: the entry must not take it"
-a1111 = sys.modules[f"{entry.PACKAGE}.host.a1111"]
-Host = sys.modules[f"{entry.PACKAGE}.host.base"].Host
+a1111 = sys.modules[f"{entry.PACKAGE}.extension"]  # the registration (tab, API, settings)
+A1111Host = sys.modules[f"{entry.PACKAGE}.host.a1111"].A1111Host
+Host = sys.modules[f"{entry.PACKAGE}.host.base"].WebUi
+assert f"{entry.PACKAGE}.host.forge" not in sys.modules, "the web UI must get its own adapter, not Forge's"
 
 for kind, function in [("ui_tabs", a1111.ui_tabs), ("app_started", a1111.app_started),
                        ("ui_settings", a1111.ui_settings)]:
     assert any(c.callback is function for c in script_callbacks.callback_map[f"callbacks_{kind}"]), kind
 
-host = a1111.A1111Host()
+host = A1111Host()
 assert isinstance(host, Host)
 assert host.models_dir == data / "models", host.models_dir
 assert host.checkpoint_titles() == ["base.safetensors"], host.checkpoint_titles()
@@ -93,6 +95,12 @@ supervisor = a1111.supervisor()
 assert supervisor.dreambooth_dir == data / "db-models" and supervisor.checkpoints_dir == checkpoints
 config = supervisor.create_model("zwx", "base.safetensors")
 assert config.source_checkpoint == str(checkpoints / "base.safetensors")
+# every name the web UI's own lookup takes names a source, also after its title got the hash
+info = sd_models.get_closet_checkpoint_match("base.safetensors")
+short = info.calculate_shorthash()
+assert f"base.safetensors [{short}]" in host.checkpoint_titles(), host.checkpoint_titles()
+for i, name in enumerate(["base.safetensors", "base", short, f"base [{short}]", f"base.safetensors [{short}]"]):
+    assert supervisor.create_model(f"alias{i}", name).source_checkpoint == str(checkpoints / "base.safetensors")
 
 from fastapi import FastAPI
 

@@ -135,19 +135,54 @@ class WebuiSdModel:
     sd_checkpoint_info: 'CheckpointInfo'
 """,
     "sd_models.py": """
+import hashlib
 import os
+import re
 
 from modules import calls, shared
 
 model_path = None
 checkpoints_list = {}
+checkpoint_aliases = {}
 
 
 class CheckpointInfo:
+    # as the web UI 1.10 names a checkpoint: no hash in its title until the file's SHA-256 is known (cached, or
+    # computed when the checkpoint is first loaded: calculate_shorthash)
     def __init__(self, filename):
         self.filename = filename
-        self.title = os.path.relpath(filename, model_path).replace(os.sep, "/")
-        self.short_title = os.path.splitext(os.path.basename(filename))[0]
+        name = os.path.relpath(filename, model_path).replace(os.sep, "/")
+        self.name = name
+        self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
+        self.model_name = os.path.splitext(name.replace("/", "_"))[0]
+        with open(filename, "rb") as file:
+            file.seek(0x100000)
+            self.hash = hashlib.sha256(file.read(0x10000)).hexdigest()[0:8]
+        self.sha256 = None
+        self.shorthash = None
+        self.title = name
+        self.short_title = self.name_for_extra
+        self.ids = [self.hash, self.model_name, self.title, name, self.name_for_extra, f"{name} [{self.hash}]"]
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        for id in self.ids:
+            checkpoint_aliases[id] = self
+
+    def calculate_shorthash(self):
+        with open(self.filename, "rb") as file:
+            self.sha256 = hashlib.sha256(file.read()).hexdigest()
+        self.shorthash = self.sha256[0:10]
+        self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]",
+                     f"{self.name_for_extra} [{self.shorthash}]"]
+        old_title = self.title
+        self.title = f"{self.name} [{self.shorthash}]"
+        self.short_title = f"{self.name_for_extra} [{self.shorthash}]"
+        items = [(self.title if k == old_title else k, v) for k, v in checkpoints_list.items()]
+        checkpoints_list.clear()
+        checkpoints_list.update(items)
+        self.register()
+        return self.shorthash
 
 
 class SdModelData:
@@ -166,22 +201,40 @@ class FakeModel:
 
 def list_models():
     checkpoints_list.clear()
+    checkpoint_aliases.clear()
     for root, _, files in sorted(os.walk(model_path)):
         for name in sorted(files):
             if name.endswith((".safetensors", ".ckpt")):
-                info = CheckpointInfo(os.path.join(root, name))
-                checkpoints_list[info.title] = info
+                CheckpointInfo(os.path.join(root, name)).register()
 
 
-def get_closet_checkpoint_match(search_string):
-    for info in checkpoints_list.values():
-        if search_string in (info.title, info.short_title):
-            return info
+re_strip_checksum = re.compile(r"\\s*\\[[^]]+]\\s*$")
+
+
+def get_closet_checkpoint_match(search_string):  # the web UI 1.10's (lines wrapped)
+    if not search_string:
+        return None
+
+    checkpoint_info = checkpoint_aliases.get(search_string, None)
+    if checkpoint_info is not None:
+        return checkpoint_info
+
+    found = sorted([info for info in checkpoints_list.values() if search_string in info.title],
+                   key=lambda x: len(x.title))
+    if found:
+        return found[0]
+
+    search_string_without_checksum = re.sub(re_strip_checksum, '', search_string)
+    found = sorted([info for info in checkpoints_list.values() if search_string_without_checksum in info.title],
+                   key=lambda x: len(x.title))
+    if found:
+        return found[0]
+
     return None
 
 
 def select_checkpoint():
-    return checkpoints_list.get(shared.opts.sd_model_checkpoint) or next(iter(checkpoints_list.values()))
+    return checkpoint_aliases.get(shared.opts.sd_model_checkpoint) or next(iter(checkpoints_list.values()))
 
 
 def send_model_to_cpu(m):

@@ -1,11 +1,13 @@
-"""The host contract: which ``modules.*`` names ``dreambooth/host/a1111.py`` uses, and checks of a pin of them.
+"""The host contracts: which names of a web UI our adapters use, and checks of a pin of them.
 
-``tests/host_contract.json`` pins every name with its kind (and a function's signature, as ``inspect`` writes
-it). Three checks use this module:
+Two web UIs, two pins: ``tests/host_contract.json`` for the AUTOMATIC1111 web UI 1.10 (what
+``dreambooth/host/webui.py`` and ``host/a1111.py`` use) and ``tests/forge_contract.json`` for Forge (what
+``host/webui.py`` and ``host/forge.py`` use: ``modules.*``, ``modules_forge.*``, ``backend.*``). A pin holds every
+name with its kind (and a function's signature, as ``inspect`` writes it). Three checks use this module:
 
-- :func:`used_names` reads a1111.py with ``ast`` and lists every ``modules.*`` chain it uses (resolved through
-  the pin's ``instance`` entries: ``shared.state.begin`` → ``modules.shared_state.State.begin``) with each call's
-  arguments, so the pin cannot drift from the code;
+- :func:`used_names` reads the adapters with ``ast`` and lists every chain rooted at a web UI import they use
+  (resolved through the pin's ``instance`` entries: ``shared.state.begin`` → ``modules.shared_state.State.begin``)
+  with each call's arguments, so the pin cannot drift from the code;
 - :func:`check_source` checks the pin against a web UI's source tree, statically;
 - :func:`check_import_script` is run by the web UI's own Python to check the pin against the imported modules.
 """
@@ -18,15 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-A1111 = REPO / "dreambooth" / "host" / "a1111.py"
+HOST = REPO / "dreambooth" / "host"
+A1111 = HOST / "a1111.py"
+FORGE = HOST / "forge.py"
+COMMON = HOST / "webui.py"
 PIN = Path(__file__).with_name("host_contract.json")
+FORGE_PIN = Path(__file__).with_name("forge_contract.json")
+CONTRACTS = {"a1111": (PIN, (COMMON, A1111)), "forge": (FORGE_PIN, (COMMON, FORGE))}
+"""Each web UI's pin and the adapter files whose names it holds."""
+WEBUI_ROOTS = ("modules", "modules_forge", "backend")
+"""Top-level packages of the web UIs (Forge adds the last two)."""
 STOP_KINDS = {"value", "attribute", "option", "flag", "function"}
 BINDING_KINDS = {"value", "instance", "namespace"}
 
 
-def load_pin() -> dict[str, dict]:
+def load_pin(pin: Path = PIN) -> dict[str, dict]:
     """The pinned names: ``{"modules.x.y": {"kind": ..., ...}}``."""
-    return json.loads(PIN.read_text(encoding="utf-8"))["names"]
+    return json.loads(Path(pin).read_text(encoding="utf-8"))["names"]
+
+
+def is_forge(webui: Path) -> bool:
+    """Whether the checkout at ``webui`` is Forge: it has the ``modules_forge`` package beside ``modules``."""
+    return (Path(webui) / "modules_forge" / "__init__.py").is_file() or (Path(webui) / "modules_forge").is_dir()
+
+
+def used_names_of(contract: str) -> list[Use]:
+    """Every web UI name the adapter files of one contract (``"a1111"`` or ``"forge"``) use, resolved."""
+    pin_path, sources = CONTRACTS[contract]
+    pin = load_pin(pin_path)
+    return [use for source in sources for use in used_names(pin, source)]
 
 
 @dataclass
@@ -42,16 +64,18 @@ class Use:
 
 
 def used_names(pin: dict[str, dict], source: Path = A1111) -> list[Use]:
-    """Every ``modules.*`` chain in ``source``, resolved against the pin (unresolvable ones carry problems)."""
+    """Every chain rooted at a web UI import (``modules``, ``modules_forge``, ``backend``) in ``source``, resolved
+    against the pin (unresolvable ones carry problems)."""
     tree = ast.parse(source.read_text(encoding="utf-8"))
     roots: dict[str, str] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "modules":
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in WEBUI_ROOTS \
+                and node.level == 0:
             for alias in node.names:
                 roots[alias.asname or alias.name] = f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == "modules":
+                if alias.name.split(".")[0] in WEBUI_ROOTS:
                     roots[alias.asname or alias.name] = alias.name
     parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
     uses = []
@@ -241,15 +265,16 @@ def _check_one(webui: Path, name: str, entry: dict) -> str | None:
 
 # ---- the pin against an imported web UI (run by the web UI's Python, in its folder) ---------------------
 
-def check_import_script(webui: Path) -> str:
-    """Python source that imports the web UI's modules and prints the problems of the pin as JSON."""
+def check_import_script(webui: Path, pin_path: Path = PIN, args: tuple[str, ...] = ()) -> str:
+    """Python source that imports the web UI's modules and prints the problems of the pin as JSON; ``args`` are
+    the web UI's command-line flags (Forge without a GPU needs ``--always-cpu`` before its backend imports)."""
     return f'''
 import importlib, inspect, json, os, sys
 os.chdir({str(webui)!r})
 sys.path.insert(0, {str(webui)!r})
-sys.argv = ["webui.py"]
+sys.argv = ["webui.py", *{list(args)!r}]
 os.environ.setdefault("IGNORE_CMD_ARGS_ERRORS", "1")
-pin = json.loads(open({str(PIN)!r}, encoding="utf-8").read())["names"]
+pin = json.loads(open({str(pin_path)!r}, encoding="utf-8").read())["names"]
 problems = []
 
 def find(name):

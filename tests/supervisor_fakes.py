@@ -76,6 +76,8 @@ def write_fake_engine(folder: Path) -> list[str]:
 class RecordingHost:
     """A Host that keeps a log of every call; its checkpoints are the files under ``models/Stable-diffusion``."""
 
+    checkpoint_refresh_element = "refresh_sd_model_checkpoint"
+
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
         self.calls: list[tuple] = []

@@ -19,6 +19,7 @@ from conftest import draw_subject
 from playwright.sync_api import Page, expect, sync_playwright
 from safetensors import safe_open
 
+from dreambooth.host.standalone import StandaloneHost
 from dreambooth.ui.app import launch
 
 pytestmark = pytest.mark.slow  # Chromium and the standalone app; test_tab.py checks the form fast
@@ -144,13 +145,6 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     field(page, "dreambooth_sample_every").fill("2")
     field(page, "dreambooth_sample_steps").fill("2")
 
-    # The web UI's checkpoint refresh button (quicksettings 🔄), as A1111 has it: counts its clicks.
-    page.evaluate(
-        """() => { const b = document.createElement('button'); b.id = 'refresh_sd_model_checkpoint';
-                   window.refreshClicks = 0; b.onclick = () => { window.refreshClicks += 1; };
-                   document.body.appendChild(b); }"""
-    )
-
     # Train: the run finishes with its checkpoints listed.
     page.locator("#dreambooth_train").click()
     expect(message(page)).to_contain_text("Training zwx")
@@ -161,8 +155,9 @@ def test_create_train_watch_and_cancel_in_the_browser(app, page: Page, tiny, tok
     checkpoints = page.locator("#dreambooth_checkpoints")
     expect(checkpoints).to_contain_text("zwx_4.safetensors")
     expect(checkpoints).to_contain_text("zwx_2.safetensors")
-    # Each new checkpoint made the page click the web UI's refresh, so txt2img's dropdown lists it at once.
-    page.wait_for_function("() => window.refreshClicks >= 1", timeout=10_000)
+    # The standalone app has no txt2img dropdown: the page's checkpoint watch saw the saves and clicked nothing.
+    page.wait_for_function("() => window.dreamboothCheckpointWatch.saves >= 1", timeout=10_000)
+    assert page.evaluate("() => window.dreamboothCheckpointWatch.refreshes") == 0
     config = app.supervisor.load_config("zwx")
     assert (config.max_steps, config.resolution, config.device, config.prior_preservation) == (4, 64, "cpu", False)
     assert config.concepts[0].sample_prompts == ["photo of zwx disc"] and config.sample_every == 2
@@ -230,3 +225,114 @@ def test_polling_lives_only_while_the_tab_is_shown_and_a_run_is_active(app, page
     page.mouse.click(5, 5)  # a click (e.g. on the tab's button) resumes it
     page.wait_for_function(active, timeout=5_000)
     page.wait_for_function(f"() => !({active})()", timeout=10_000)  # and it ends again: no run is active
+
+
+# ---- every open page lists a new checkpoint (issue 18.4) ---------------------------------------------------
+
+
+class PageHost(StandaloneHost):
+    """The standalone host inside a page that has a txt2img checkpoint dropdown with the web UI's 🔄 id."""
+
+    checkpoint_refresh_element = "refresh_sd_model_checkpoint"
+
+
+def web_ui_page(models: Path, port: int):
+    """A page shaped like the web UI's: a txt2img tab with a checkpoint dropdown and its 🔄 (which re-lists, as
+    the web UI's does), the DreamBooth tab, our javascript/ loaded into the page, our routes on its app."""
+    import gradio as gr
+
+    from dreambooth.api import mount_page_routes
+    from dreambooth.supervisor import Supervisor
+    from dreambooth.ui.tab import SCRIPT_FILE, _event_kwargs, build_tab
+
+    host = PageHost(models)
+    supervisor = Supervisor(host, models / "dreambooth", host.checkpoints_dir)
+    tab = build_tab(supervisor, host)  # built first, rendered into its tab below, as the web UI does
+    with gr.Blocks(analytics_enabled=False) as page:
+        with gr.Tab("txt2img", elem_id="tab_txt2img"):
+            dropdown = gr.Dropdown(choices=host.checkpoint_titles(), value=host.checkpoint_titles()[0],
+                                   label="Checkpoint", elem_id="txt2img_checkpoint", interactive=True)
+            refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint")
+
+            def relist():
+                host.refresh_checkpoints()
+                return gr.update(choices=host.checkpoint_titles())
+
+            refresh.click(relist, None, dropdown)
+        with gr.Tab("DreamBooth", elem_id="tab_dreambooth"):
+            tab.render()
+        page.load(None, None, None, **_event_kwargs("js", f"() => {{\n{SCRIPT_FILE.read_text()}\n}}"))
+    page.queue()
+    app, _, _ = page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    mount_page_routes(app, supervisor)
+    return page, supervisor
+
+
+def dropdown_choices(page: Page) -> list[str]:
+    """What the txt2img dropdown offers (blurred first: an opened gradio dropdown filters by its text)."""
+    page.mouse.click(1, 990)
+    page.locator("#txt2img_checkpoint input").click()
+    choices = page.locator("#txt2img_checkpoint li").evaluate_all("(items) => items.map(i => i.ariaLabel)")
+    page.keyboard.press("Escape")
+    page.mouse.click(1, 990)
+    return choices
+
+
+def test_every_open_page_lists_a_new_checkpoint_within_seconds(tmp_path: Path, tiny, tokenizer_dir,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pages opened before the run; page B never opens the DreamBooth tab. Each checkpoint the run saves is
+    in both pages' txt2img dropdowns within a few seconds, without a reload or a click on 🔄."""
+    from dreambooth.config import TrainConfig
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny.path, models / "Stable-diffusion" / "tiny-sd1.safetensors")
+    photos = tmp_path / "photos"
+    for i in range(3):
+        draw_subject(photos / f"zwx_{i}.png", seed=i)
+    port = free_port()
+    server, supervisor = web_ui_page(models, port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            pages = [browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2)]
+            for page in pages:
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                page.wait_for_function("() => window.dreamboothCheckpointWatch && window.dreamboothCheckpointWatch"
+                                       ".active()")
+                expect(page.locator("#txt2img_checkpoint")).to_be_visible()
+            assert all(dropdown_choices(p) == ["tiny-sd1.safetensors"] for p in pages)
+            pages[0].locator("button", has_text="DreamBooth").first.click()  # page A opens the tab
+            expect(pages[0].locator("#dreambooth_train")).to_be_visible()
+            assert not pages[1].locator("#dreambooth_train").is_visible()  # page B never does
+
+            config = supervisor.create_model("zwx", "tiny-sd1")
+            config = TrainConfig.from_dict({
+                **config.to_dict(), "model_config_dir": str(tiny.config_dir), "tokenizer_dir": str(tokenizer_dir),
+                "resolution": 64, "max_steps": 4, "save_every": 2, "sample_every": 0, "device": "cpu",
+                "prior_preservation": False, "learning_rate": 1e-3,
+                "concepts": [{"instance_dir": str(photos), "instance_prompt": "photo of zwx disc"}]})
+            supervisor.start(config)
+            first = models / "Stable-diffusion" / "zwx" / "zwx_2.safetensors"
+            deadline = time.monotonic() + 240
+            while not first.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert first.exists(), supervisor.status()
+            saved_at = time.monotonic()
+            for page in pages:  # listed within a few seconds on both pages
+                page.wait_for_function("() => window.dreamboothCheckpointWatch.refreshes >= 1", timeout=10_000)
+            listed_after = time.monotonic() - saved_at
+            assert listed_after < 5, listed_after
+            assert supervisor.wait(240) and supervisor.status().finished, supervisor.status()
+            assert not pages[1].locator("#dreambooth_train").is_visible()
+            pages[0].locator("button", has_text="txt2img").first.click()  # page A goes back to txt2img
+            for page in pages:
+                page.wait_for_function("() => window.dreamboothCheckpointWatch.refreshes >= 2", timeout=10_000)
+                assert dropdown_choices(page) == ["tiny-sd1.safetensors", "zwx/zwx_2.safetensors",
+                                                  "zwx/zwx_4.safetensors"]
+            browser.close()
+    finally:
+        supervisor.cancel()
+        supervisor.wait(60)
+        server.close()

@@ -1,6 +1,10 @@
-"""The contract with the web UI: every ``modules.*`` name a1111.py uses is pinned with its signature, the pin is
-checked against the code here, and against a real web UI when ``SD_WEBUI_DIR`` names one (its source, and its
-modules imported by its own Python: ``SD_WEBUI_PYTHON``, default ``$SD_WEBUI_DIR/venv/bin/python``)."""
+"""The contracts with the two web UIs: every name our adapters use is pinned with its signature, for the
+AUTOMATIC1111 web UI (``host_contract.json``: ``host/webui.py`` + ``host/a1111.py``) and for Forge
+(``forge_contract.json``: ``host/webui.py`` + ``host/forge.py``). Each pin is checked against the code here, and
+against a real checkout when ``SD_WEBUI_DIR`` names one (its source, and its modules imported by its own Python:
+``SD_WEBUI_PYTHON``, default ``$SD_WEBUI_DIR/venv/bin/python``, with the flags in ``SD_WEBUI_ARGS``, e.g.
+``--always-cpu`` for Forge on a machine without a GPU). A checkout with a ``modules_forge/`` folder is
+Forge and is checked against the Forge pin; any other against the web UI's."""
 
 from __future__ import annotations
 
@@ -15,30 +19,42 @@ from pathlib import Path
 
 import pytest
 from host_contract import (
-    A1111,
     BINDING_KINDS,
+    CONTRACTS,
+    FORGE_PIN,
+    PIN,
     REPO,
+    WEBUI_ROOTS,
     check_import_script,
     check_source,
+    is_forge,
     load_pin,
     used_names,
+    used_names_of,
 )
 
 WEBUI = os.environ.get("SD_WEBUI_DIR")
 needs_webui = pytest.mark.skipif(not WEBUI, reason="set SD_WEBUI_DIR to a web UI checkout to run")
+needs_a1111 = pytest.mark.skipif(not WEBUI or is_forge(Path(WEBUI)),
+                                 reason="set SD_WEBUI_DIR to an AUTOMATIC1111 web UI checkout to run")
+THE_PIN = FORGE_PIN if WEBUI and is_forge(Path(WEBUI)) else PIN
+"""The pin that SD_WEBUI_DIR's checkout is checked against."""
 
 
-def test_every_modules_name_a1111_uses_is_pinned_and_called_as_pinned() -> None:
-    uses = used_names(load_pin())
+@pytest.mark.parametrize("contract", sorted(CONTRACTS))
+def test_every_web_ui_name_the_adapters_use_is_pinned_and_called_as_pinned(contract: str) -> None:
+    uses = used_names_of(contract)
     assert len(uses) > 30
     problems = [p for use in uses for p in use.problems]
     assert problems == []
 
 
-def test_every_pinned_name_is_used_by_a1111() -> None:
-    pin = load_pin()
-    visited = {name for use in used_names(pin) for name in use.visited}
-    source = A1111.read_text(encoding="utf-8")
+@pytest.mark.parametrize("contract", sorted(CONTRACTS))
+def test_every_pinned_name_is_used_by_the_adapters(contract: str) -> None:
+    pin_path, sources = CONTRACTS[contract]
+    pin = load_pin(pin_path)
+    visited = {name for use in used_names_of(contract) for name in use.visited}
+    source = "\n".join(path.read_text(encoding="utf-8") for path in sources)
     unused = []
     for name, entry in pin.items():
         if entry.get("indirect"):
@@ -46,10 +62,10 @@ def test_every_pinned_name_is_used_by_a1111() -> None:
                 unused.append(name)
         elif name not in visited:
             unused.append(name)
-    assert unused == [], "pinned but not used by a1111.py: remove them from tests/host_contract.json"
+    assert unused == [], f"pinned but not used: remove them from {pin_path.name}"
 
 
-def test_only_a1111_imports_the_web_uis_modules() -> None:
+def test_only_the_adapters_import_the_web_uis_modules() -> None:
     files = [*(REPO / "dreambooth").rglob("*.py"), *(REPO / "scripts").glob("*.py"), REPO / "preload.py",
              REPO / "install.py"]
     importers = set()
@@ -57,9 +73,31 @@ def test_only_a1111_imports_the_web_uis_modules() -> None:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            if any(n == "modules" or n.startswith("modules.") for n in names):
+            if any(n.split(".")[0] in WEBUI_ROOTS for n in names):
                 importers.add(path.relative_to(REPO).as_posix())
-    assert importers == {"dreambooth/host/a1111.py"}
+    assert importers == {"dreambooth/host/webui.py", "dreambooth/host/a1111.py", "dreambooth/host/forge.py"}
+
+
+def test_the_registration_and_everything_above_the_host_folder_never_name_a_web_ui() -> None:
+    """Nothing outside dreambooth/host/ imports an adapter, names one, or asks which web UI it runs in."""
+    adapter_names = {"a1111", "forge", "A1111Host", "ForgeHost", "running_in_forge", "webui", "WebUiCommon"}
+    offenders = []
+    for path in [*(REPO / "dreambooth").rglob("*.py"), *(REPO / "scripts").glob("*.py")]:
+        if path.parent.name == "host":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            found = []
+            if isinstance(node, ast.ImportFrom):
+                found = [n for n in [*(node.module or "").split("."), *(a.name for a in node.names)]
+                         if n in adapter_names]
+            elif isinstance(node, ast.Name) and node.id in adapter_names:
+                found = [node.id]
+            elif isinstance(node, ast.Attribute) and node.attr in adapter_names:
+                found = [node.attr]
+            elif isinstance(node, ast.Constant) and node.value in ("modules_forge", "modules"):
+                found = [node.value]
+            offenders += [(path.relative_to(REPO).as_posix(), node.lineno, name) for name in found]
+    assert offenders == []
 
 
 def test_the_checker_catches_calls_that_do_not_fit(tmp_path: Path) -> None:
@@ -124,6 +162,11 @@ def fake_webui(root: Path, pin: dict[str, dict]) -> Path:
     return root
 
 
+@pytest.mark.parametrize("pin_path", [PIN, FORGE_PIN], ids=["a1111", "forge"])
+def test_the_source_checker_accepts_a_tree_with_exactly_the_pinned_names(tmp_path: Path, pin_path: Path) -> None:
+    assert check_source(fake_webui(tmp_path / "webui", load_pin(pin_path)), load_pin(pin_path)) == []
+
+
 def test_the_source_checker_accepts_a_matching_tree_and_names_every_difference(tmp_path: Path) -> None:
     pin = load_pin()
     root = fake_webui(tmp_path / "webui", pin)
@@ -147,7 +190,7 @@ def test_binding_kinds_are_module_level_names() -> None:
 
 @needs_webui
 def test_the_pin_matches_the_web_uis_source() -> None:
-    assert check_source(Path(WEBUI), load_pin()) == []
+    assert check_source(Path(WEBUI), load_pin(THE_PIN)) == []
 
 
 @needs_webui
@@ -155,7 +198,7 @@ def test_the_pin_matches_the_web_uis_imported_modules(tmp_path: Path) -> None:
     webui = Path(WEBUI)
     python = webui_python(webui)
     script = tmp_path / "check.py"
-    script.write_text(check_import_script(webui))
+    script.write_text(check_import_script(webui, THE_PIN, tuple(os.environ.get("SD_WEBUI_ARGS", "").split())))
     result = subprocess.run([python, str(script)], check=False, capture_output=True, text=True, timeout=300)
     line = next((x for x in result.stdout.splitlines() if x.startswith("CONTRACT ")), None)
     assert line is not None, result.stdout[-2000:] + result.stderr[-4000:]
@@ -169,7 +212,7 @@ def webui_python(webui: Path) -> str:
         sys.executable)
 
 
-@needs_webui
+@needs_a1111
 def test_inside_the_web_ui_the_host_callbacks_and_a_tiny_training_work(tmp_path: Path) -> None:
     """The extension installed into a fresh data folder of the real web UI: preload flags, callbacks, the host's
     checkpoint list, progress state, Interrupt, queue lock, settings, the API behind --api-auth, the tab, and a
@@ -180,7 +223,7 @@ def test_inside_the_web_ui_the_host_callbacks_and_a_tiny_training_work(tmp_path:
     assert "IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-@needs_webui
+@needs_a1111
 def test_the_web_ui_loads_and_samples_the_demo_model_through_our_yaml(tmp_path: Path) -> None:
     """The shipped demo model plus the .yaml our `yaml` command writes: the web UI's own loader builds it and its
     own txt2img (DDIM, CPU) draws what three prompts ask for, as the demo's evaluator scores the pictures."""
@@ -188,6 +231,9 @@ def test_the_web_ui_loads_and_samples_the_demo_model_through_our_yaml(tmp_path: 
     result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
                             check=False, capture_output=True, text=True, timeout=600)
     assert "DEMO-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+ADAPTER_MODULES = {"dreambooth.host.a1111", "dreambooth.host.webui", "dreambooth.extension"}
 
 
 # ---- a1111.py against the stand-in web UI (runs everywhere; the same checks run inside a real one above) -----
@@ -206,7 +252,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import dreambooth.host
 
     monkeypatch.delattr(dreambooth.host, "a1111", raising=False)  # else `from dreambooth.host import a1111` reuses it
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "dreambooth.host.a1111"]:
+    monkeypatch.delattr(dreambooth.host, "webui", raising=False)
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n in ADAPTER_MODULES]:
         monkeypatch.delitem(sys.modules, name)
     import modules
     from modules import paths, sd_models, shared, shared_state
@@ -219,10 +266,11 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from dreambooth.host import a1111
 
     yield a1111, modules, models
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "dreambooth.host.a1111"]:
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n in ADAPTER_MODULES]:
         del sys.modules[name]
-    if hasattr(dreambooth.host, "a1111"):
-        delattr(dreambooth.host, "a1111")
+    for name in ("a1111", "webui"):
+        if hasattr(dreambooth.host, name):
+            delattr(dreambooth.host, name)
 
 
 def test_the_stand_in_web_ui_honours_the_pin(tmp_path: Path) -> None:
@@ -314,14 +362,14 @@ def test_a1111_refuses_to_switch_under_frozen_settings(fake) -> None:
 @pytest.fixture
 def entry(monkeypatch: pytest.MonkeyPatch):
     """Runs scripts/dreambooth.py as the web UI does (a module object of its own, never in sys.modules) and
-    returns the ``a1111`` module it registered; forgets the package it loaded afterwards."""
+    returns the registration module (``extension``) it ran; forgets the package it loaded afterwards."""
     import importlib.util
 
     def load():
         spec = importlib.util.spec_from_file_location("dreambooth.py", REPO / "scripts" / "dreambooth.py")
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
-        return sys.modules[f"{script.PACKAGE}.host.a1111"]
+        return sys.modules[f"{script.PACKAGE}.extension"]
 
     yield load
     for name in [n for n in sys.modules if n == "dreambooth_tab" or n.startswith("dreambooth_tab.")]:
@@ -336,6 +384,7 @@ def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake, 
     assert callbacks["callbacks_app_started"] == [a1111.app_started]
     assert callbacks["callbacks_ui_settings"] == [a1111.ui_settings]
     supervisor = a1111.supervisor()
+    assert type(supervisor.host).__name__ == "A1111Host"  # no modules_forge here: the web UI's adapter
     assert supervisor.dreambooth_dir == models / "dreambooth"
     assert supervisor.checkpoints_dir == models / "Stable-diffusion" and a1111.supervisor() is supervisor
 
@@ -349,7 +398,8 @@ def test_a1111_registers_its_callbacks_and_mounts_the_api_behind_api_auth(fake, 
     app = FastAPI()
     routes = len(app.routes)
     a1111.app_started(None, app)
-    assert len(app.routes) == routes
+    paths = [getattr(r, "path", "") for r in app.routes[routes:]]
+    assert [p for p in paths if p.startswith("/dreambooth")] == ["/dreambooth/internal/checkpoints"]  # no API
 
 
 def test_the_extension_and_another_package_named_dreambooth_both_load(
@@ -382,7 +432,7 @@ def test_the_extension_and_another_package_named_dreambooth_both_load(
     assert dreambooth.OWNER == "incumbent"
     a1111 = entry()  # ... then us
     assert modules.script_callbacks.callback_map["callbacks_ui_tabs"][-1] == a1111.ui_tabs
-    assert a1111.A1111Host().checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
+    assert a1111.supervisor().host.checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
     assert incumbent_works()
 
     for name in [n for n in sys.modules if n.split(".")[0] in ("dreambooth", "dreambooth_tab")]:
@@ -390,7 +440,7 @@ def test_the_extension_and_another_package_named_dreambooth_both_load(
     a1111 = entry()  # us first ...
     assert "dreambooth" not in sys.modules
     assert incumbent_works()  # ... then the incumbent
-    assert a1111.A1111Host().checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
+    assert a1111.supervisor().host.checkpoint_titles() == ["base.safetensors", "sub/other.ckpt"]
 
 
 def test_preload_adds_the_flags() -> None:
@@ -405,3 +455,24 @@ def test_preload_adds_the_flags() -> None:
     args = parser.parse_args(["--dreambooth-dir", "D", "--dreambooth-python", "P", "--dreambooth-no-api"])
     assert (args.dreambooth_dir, args.dreambooth_python, args.dreambooth_no_api) == ("D", "P", True)
     assert parser.parse_args([]).dreambooth_dir is None
+
+
+def test_every_name_the_web_uis_own_lookup_accepts_is_a_source_checkpoint(fake, tmp_path: Path) -> None:
+    """Once the web UI has loaded a checkpoint its title carries the short hash; every other name its
+    closest-checkpoint lookup (``get_closet_checkpoint_match``, pinned) takes for it still names it."""
+    from dreambooth.supervisor import Supervisor
+
+    a1111, modules, models = fake
+    info = modules.sd_models.checkpoints_list["sub/other.ckpt"]
+    short = info.calculate_shorthash()  # what the web UI does when it first loads the checkpoint
+    host = a1111.A1111Host()
+    assert host.checkpoint_titles() == ["base.safetensors", f"sub/other.ckpt [{short}]"]
+    supervisor = Supervisor(host, tmp_path / "dreambooth", models / "Stable-diffusion")
+    other = models / "Stable-diffusion" / "sub" / "other.ckpt"
+    names = [f"sub/other.ckpt [{short}]", "sub/other.ckpt", "other.ckpt", "other", f"other [{short}]", short,
+             info.sha256, info.hash, "sub_other", f"sub/other.ckpt [{info.hash}]"]
+    for i, name in enumerate(names):
+        config = supervisor.create_model(f"m{i}", name)
+        assert config.source_checkpoint == str(other), name
+    with pytest.raises(Exception, match="neither a listed checkpoint"):
+        supervisor.create_model("nothing", "missing.safetensors")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..errors import ModelFormatError
 from ..fileio import write_atomic
+from .lookup import CHECKPOINT_SUFFIXES, checkpoint_titles, closest_checkpoint
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "model" / "shapes-sd1.safetensors"
 DEMO_TITLE = "dreambooth-demo/shapes-sd1.safetensors"
 """Where the demo model goes under ``<models>/Stable-diffusion``, as the app lists it."""
@@ -48,6 +48,9 @@ def install_demo_model(checkpoints_dir: Path, tokenizer_dir: str = "") -> Path |
 class StandaloneHost:
     """The :class:`~dreambooth.host.base.Host` of the standalone app."""
 
+    checkpoint_refresh_element: str | None = None
+    """The app's page has no txt2img dropdown to re-list."""
+
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = Path(models_dir)
         self.checkpoints_dir = self.models_dir / "Stable-diffusion"
@@ -64,20 +67,19 @@ class StandaloneHost:
         with self._lock:
             return list(self._titles)
 
-    def checkpoint_file(self, title: str) -> Path:
-        """The file behind a title; ``KeyError`` for an unknown one."""
+    def checkpoint_file(self, name: str) -> Path:
+        """The file behind any name the web UI's lookup would accept (a title, with or without a hash, the file
+        name, the name without extension, a hash …: see ``host/lookup.py``); ``KeyError`` for an unknown one."""
         with self._lock:
-            return self._titles[title]
+            titles = dict(self._titles)
+        found = closest_checkpoint(name, titles)
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def refresh_checkpoints(self) -> None:
         """Re-scan ``<models>/Stable-diffusion``."""
-        found: dict[str, Path] = {}
-        if self.checkpoints_dir.is_dir():
-            files = (
-                p for p in self.checkpoints_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()
-            )
-            for path in sorted(files, key=lambda p: p.relative_to(self.checkpoints_dir).as_posix().lower()):
-                found[path.relative_to(self.checkpoints_dir).as_posix()] = path
+        found = checkpoint_titles(self.checkpoints_dir)
         with self._lock:
             self._titles = found
 

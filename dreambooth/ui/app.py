@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..api import mount, parse_credentials
+from ..api import mount, mount_page_routes, parse_credentials
 from ..host.standalone import DEMO_TITLE, StandaloneHost, install_demo_model
 from ..supervisor import Supervisor
 from .tab import build_tab
@@ -36,6 +36,7 @@ def launch(models_dir: Path, host: str = "127.0.0.1", port: int = 7861, auth: st
         auth=list(credentials.items()) if credentials else None,
         allowed_paths=[str(models_dir)],
     )
+    mount_page_routes(app, supervisor)
     mount(app, supervisor, credentials)
     blocks.dreambooth_supervisor = supervisor  # type: ignore[attr-defined]
     return blocks
