@@ -106,6 +106,8 @@ def test_readme_carries_the_generated_option_reference():
 
 def test_cli_new_writes_a_valid_config(tmp_path):
     folder = tmp_path / "models" / "zwx"
+    source = tmp_path / "m.safetensors"
+    source.write_bytes(b"not read by new")
     done = subprocess.run(
         [
             sys.executable,
@@ -114,7 +116,7 @@ def test_cli_new_writes_a_valid_config(tmp_path):
             "new",
             str(folder),
             "--source",
-            "m.safetensors",
+            str(source),
             "--instance-dir",
             "photos",
             "--instance-prompt",
