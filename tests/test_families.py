@@ -224,3 +224,19 @@ def test_a_half_precision_vae_encodes_in_fp32_and_gives_no_nan(tiny_sdxl, tmp_pa
     sample, _ = latents.sample([photo], [False], random.Random(0), torch.Generator().manual_seed(0))
     assert torch.isfinite(sample).all()
     assert next(vae.parameters()).dtype == torch.float16  # handed back as it was
+
+
+def test_an_sdxl_v_prediction_export_carries_the_v_pred_marker_and_reads_back_as_v(tiny_sdxl, tokenizer_dir, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from dreambooth.models.export import checkpoint_tensors, save_checkpoint
+    from dreambooth.models.load import load_model
+
+    components = tiny_sdxl.components
+    v = dataclasses.replace(components, scheduler=DDPMScheduler.from_config(components.scheduler.config,
+                                                                            prediction_type="v_prediction"))
+    assert "v_pred" not in checkpoint_tensors(components)
+    path = save_checkpoint(tmp_path / "v.safetensors", checkpoint_tensors(v))
+    assert "v_pred" in read_tensors(path)
+    loaded = load_model(path, tmp_path / "w", tmp_path / "c", str(tokenizer_dir), str(tiny_sdxl.config_dir))
+    assert loaded.components.prediction_type == "v_prediction"

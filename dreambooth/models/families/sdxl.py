@@ -69,8 +69,12 @@ class SDXL(ModelFamily):
         }
 
     def placeholder_tensors(self, components: Components) -> dict[str, torch.Tensor]:
-        """OpenCLIP's logit scale (only contrastive training reads it), at the trained CLIP models' value ln 100."""
-        return {OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(math.log(100.0))}
+        """OpenCLIP's logit scale (only contrastive training reads it), at the trained CLIP models' value ln 100; and
+        for a v-prediction model the empty ``v_pred`` tensor by which the web UI 1.10, Forge and ComfyUI know one."""
+        tensors = {OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(math.log(100.0))}
+        if components.scheduler is not None and components.prediction_type == "v_prediction":
+            tensors[V_PREDICTION_MARKER] = torch.tensor([])
+        return tensors
 
     def architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-xl-v1-base" + ("/v-prediction" if prediction_type == "v_prediction" else "")
