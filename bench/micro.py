@@ -3,7 +3,7 @@
 block by block, compiled whole) and one optimizer step over all 859.5 M UNet weights (each optimizer variant).
 
     python bench/micro.py --model /tmp/dreambooth-bench/sd15 [--batches 1 8] [--unet eager blocks full] [--optim]
-        [--cudnn-first] [--cudnn-benchmark] [--fp8] [--profile]
+        [--cudnn-first] [--cudnn-benchmark] [--profile]
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ def unet_case(
     checkpointing: bool,
     profile: bool = False,
     channels_last: bool = True,
-    fp8: bool = False,
     group_norm: str = "native",
 ) -> None:
     """Print compile seconds and median fwd+bwd milliseconds of one variant."""
@@ -103,10 +102,6 @@ def unet_case(
     unet.train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    if fp8:
-        from fp8_linear import use_fp8_linears
-
-        use_fp8_linears(unet)
     model = unet
     if variant == "blocks":
         compile_blocks(unet)
@@ -141,7 +136,7 @@ def unet_case(
     peak = torch.cuda.max_memory_allocated() / 1e9
     print(
         f"unet b{batch} {variant}{' ckpt' if checkpointing else ''}{'' if channels_last else ' nchw'}"
-        f"{' fp8' if fp8 else ''}{'' if group_norm == 'native' else ' gn-' + group_norm}: "
+        f"{'' if group_norm == 'native' else ' gn-' + group_norm}: "
         f"first call {first:.1f} s, fwd+bwd {ms:.1f} ms, "
         f"{ips:.1f} images/s, MFU {ips * 2.41e12 / 790e12:.1%}, peak {peak:.1f} GB",
         flush=True,
@@ -228,7 +223,6 @@ def main() -> None:
     ap.add_argument("--cudnn-first", action="store_true", help="SDPA tries cuDNN's attention first")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its convolution algorithms first")
-    ap.add_argument("--fp8", action="store_true", help="the transformer blocks' token-wise linears in fp8")
     ap.add_argument(
         "--group-norm",
         choices=["native", "channels-last"],
@@ -250,7 +244,7 @@ def run_cases(a: argparse.Namespace) -> None:
         optim_cases(a.model)
     for batch in a.batches:
         for variant in a.unet:
-            unet_case(a.model, batch, variant, a.checkpointing, a.profile, a.channels_last, a.fp8, a.group_norm)
+            unet_case(a.model, batch, variant, a.checkpointing, a.profile, a.channels_last, a.group_norm)
             torch.cuda.empty_cache()
 
 

@@ -393,10 +393,9 @@ class TrainConfig:
         True,
         label="Channels-last layout",
         group="Memory and speed",
-        help="Store the UNet's convolution weights and activations channels-last: on an H100 17% faster at batch 1 "
-        "and 10% slower at batch 16; with compile_unet, whose group norms then run in channels-last order, on par or "
-        "slightly faster at large batches too (H200, batch 32: 139.1 against 137.2 images/s). Turn it off for large "
-        "batches without compile_unet.",
+        help="Store the UNet's convolution weights and activations channels-last on the GPU (the CPU always keeps "
+        "the plain layout): faster at small batches, slower at large ones unless compile_unet is on too, whose "
+        "group norms then run in channels-last order. Turn it off for large batches without compile_unet.",
     )
     cuda_graphs: bool = option(
         True,
@@ -419,8 +418,8 @@ class TrainConfig:
         label="Compile the UNet",
         group="Memory and speed",
         help="Compile the UNet block by block with torch.compile (torch 2.2 or later; Triton on CUDA, a C++ compiler "
-        "on the CPU): on an H100 about a fifth more steps/s at batch 1 and a quarter more at batch 16, for 2-4 "
-        "minutes of compiling before the first step, so it pays in long runs only. If compiling fails, the UNet "
+        "on the CPU): more steps a second at every batch size, for minutes of compiling before the first step, so it "
+        "pays in long runs only. If compiling fails, the UNet "
         "runs as usual and the log says why. With channels_last its group norms run in channels-last order.",
     )
     log_every: int = option(

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_model import build_tiny_components, write_config_folder
 
 from dreambooth.config import TrainConfig
 from dreambooth.events import Events
 from dreambooth.models.export import checkpoint_tensors, save_checkpoint
-from dreambooth.models.tiny import build_tiny_components, write_config_folder
 from dreambooth.models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
 
 torch.set_num_threads(2)

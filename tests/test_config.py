@@ -134,3 +134,17 @@ def test_cli_new_writes_a_valid_config(tmp_path):
     config = load_config(folder / "config.json")
     assert config.model_name == "zwx" and config.max_steps == 400 and config.prior_preservation
     assert config.concepts[0].class_prompt == "photo of a person"
+
+
+def test_help_texts_say_what_an_option_does_and_costs_not_what_a_benchmark_measured() -> None:
+    """Measurements live in bench/README.md; a help text names no GPU, throughput or benchmark figure."""
+    import dataclasses
+    import re
+
+    from dreambooth.config import Concept
+
+    measured = re.compile(r"\b(H100|H200|A100|RTX|images/s|steps/s|TFLOP|MFU)\b|\d+(\.\d+)? against \d")
+    for cls in (TrainConfig, Concept):
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "")
+            assert not measured.search(text), (f.name, text)

@@ -35,7 +35,7 @@ def test_single_file_is_in_the_original_layout():
 
 def test_loads_offline_as_sd1_with_its_config_folder(demo):
     c = demo.components
-    assert demo.family == "sd1"
+    assert demo.family.name == "sd1"
     assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size == 64
     assert c.text_encoder.config.vocab_size == 49408 and len(c.tokenizer) == 49408
     assert 2 ** (len(c.vae.config.block_out_channels) - 1) == 8

@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_model import TINY_UNET
 
-from dreambooth.models.tiny import TINY_UNET
 from dreambooth.train.speed.adamw import FlatAdamW
 from dreambooth.train.speed.backward import BackwardStep
 from dreambooth.train.speed.flat import FlatParameters

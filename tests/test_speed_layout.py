@@ -3,8 +3,8 @@ the channels-last group norm computes nn.GroupNorm's result and gradients."""
 
 import pytest
 import torch
+from tiny_model import TINY_UNET
 
-from dreambooth.models.tiny import TINY_UNET
 from dreambooth.train.speed.layout import (
     ChannelsLastGroupNorm,
     blocks_uncompiled,

@@ -3,8 +3,8 @@
 import inspect
 
 import torch
+from tiny_model import TINY_UNET
 
-from dreambooth.models.tiny import TINY_UNET
 from dreambooth.train.speed.step_graph import checkpointing_is_graph_safe, enable_checkpointing
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .components import Components
+from dreambooth.models.components import Components
 
 TINY_UNET = {
     "sample_size": 8,
