@@ -134,9 +134,13 @@ def test_yaml_for_the_demo_model_placed_in_a_web_ui_folder(tmp_path, tokenizer_d
     assert done.returncode == 0, done.stderr
     params = yaml.safe_load(placed.with_suffix(".yaml").read_text())["model"]["params"]
     assert params["unet_config"]["params"]["model_channels"] == 64
-    version = Path(params["cond_stage_config"]["params"]["version"])
-    assert json.loads((version / "config.json").read_text())["hidden_size"] == 64
-    assert (version / "vocab.json").is_file() and (version / "merges.txt").is_file()
+    from dreambooth.models.host_yaml import hub_cache
+
+    name = params["cond_stage_config"]["params"]["version"]  # a model in the Hugging Face cache, not a folder
+    entry = hub_cache() / ("models--" + name.replace("/", "--"))
+    snapshot = entry / "snapshots" / (entry / "refs" / "main").read_text()
+    assert json.loads((snapshot / "config.json").read_text())["hidden_size"] == 64
+    assert (snapshot / "vocab.json").is_file() and (snapshot / "merges.txt").is_file()
 
 
 def test_yaml_refuses_a_stock_shaped_checkpoint(tmp_path):

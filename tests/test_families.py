@@ -109,6 +109,10 @@ def test_sdxl_resume_continues_bit_for_bit(tiny_sdxl, tokenizer_dir, instance_di
     config = _config(tiny_sdxl, tokenizer_dir, instance_dir, max_steps=6, hflip=True, center_crop=False,
                      train_text_encoder_2=True, prior_preservation=False)
     straight = run(config, tmp_path / "a" / "zwx", Events())
+    source, trained = read_tensors(tiny_sdxl.path), read_tensors(straight.checkpoints[-1])
+    moved = {k for k in source if not torch.equal(source[k].float(), trained[k].float())}
+    assert any(k.startswith("conditioner.embedders.1.") for k in moved)  # train_text_encoder_2 alone: the second
+    assert not any(k.startswith("conditioner.embedders.0.") for k in moved)
     interrupted = tmp_path / "b" / "zwx"
 
     def cancel_at_3(event: dict) -> None:
@@ -240,3 +244,15 @@ def test_an_sdxl_v_prediction_export_carries_the_v_pred_marker_and_reads_back_as
     assert "v_pred" in read_tensors(path)
     loaded = load_model(path, tmp_path / "w", tmp_path / "c", str(tokenizer_dir), str(tiny_sdxl.config_dir))
     assert loaded.components.prediction_type == "v_prediction"
+
+
+def test_sdxl_second_text_encoder_learning_rate(tiny_sdxl, tokenizer_dir, instance_dir, tmp_path):
+    from dreambooth.events import Events
+
+    key = "conditioner.embedders.1.model.ln_final.weight"
+    weights = []
+    for lr in (1e-3, 1e-2):
+        config = _config(tiny_sdxl, tokenizer_dir, instance_dir, max_steps=2, prior_preservation=False,
+                         train_text_encoder_2=True, text_encoder_2_lr=lr)
+        weights.append(read_tensors(run(config, tmp_path / str(lr) / "zwx", Events()).checkpoints[-1])[key])
+    assert not torch.equal(weights[0], weights[1])

@@ -326,7 +326,8 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
         if not run.parallel.active:  # several processes stop together, at the training loop's agreed cancel
             checks = _cancel_checks_between_blocks(unet, run.cancel_requested)
         count = compile_blocks(unet)
-        channels_last_group_norms(unet)
+        if _is_channels_last(unet):  # the NCHW UNet (the CPU) keeps the plain norms
+            channels_last_group_norms(unet)
         with autocast:
             prediction = unet(sample, example["timesteps"], **conditioning.unet_kwargs()).sample
         torch.autograd.grad(prediction.float().square().mean(), sample)
