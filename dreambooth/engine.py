@@ -27,7 +27,7 @@ from .events import CANCEL_FILE, Events
 from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_checkpoint
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
-from .train.loop import Run, RunResult, train
+from .train.loop import Run, RunResult, train, trained_text_encoders
 from .train.parallel import Parallel, from_environment, leave_process_group
 from .train.speed.step_graph import enable_checkpointing
 
@@ -124,9 +124,8 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         components.unet.to(weights_dtype)
         if config.gradient_checkpointing:
             enable_checkpointing(components.unet)
-            for name, module in components.text_encoders.items():
-                if {"text_encoder": config.train_text_encoder, "text_encoder_2": config.train_text_encoder_2}[name]:
-                    module.gradient_checkpointing_enable()
+            for name in trained_text_encoders(config, components):
+                components.text_encoders[name].gradient_checkpointing_enable()
 
         latents = ImageLatents(
             components.vae,

@@ -37,23 +37,9 @@ def tiny_sd2(tmp_path_factory, tokenizer_dir):
     return dataclasses.make_dataclass("Tiny", ["path", "config_dir", "components"])(path, config_dir, components)
 
 
-def _config(tiny, tokenizer_dir, instance_dir, **options) -> TrainConfig:
-    return TrainConfig.from_dict({
-        "model_name": "zwx",
-        "source_checkpoint": str(tiny.path),
-        "model_config_dir": str(tiny.config_dir),
-        "tokenizer_dir": str(tokenizer_dir),
-        "resolution": 64,
-        "max_steps": 3,
-        "save_every": 0,
-        "learning_rate": 1e-3,
-        "device": "cpu",
-        "save_dtype": "fp32",
-        "log_every": 1,
-        "concepts": [{"instance_dir": str(instance_dir), "instance_prompt": "photo of zwx disc",
-                      "class_prompt": "photo of a disc", "num_class_images": 2, "class_infer_steps": 2}],
-        **options,
-    })
+def _config(make_config, tiny, **options) -> TrainConfig:
+    """conftest's tiny-run config, on this family's tiny model."""
+    return make_config(source_checkpoint=str(tiny.path), model_config_dir=str(tiny.config_dir), **options)
 
 
 def _diffusers_reads(path, config_dir, family: str, tokenizer_dir):
@@ -69,11 +55,11 @@ def _diffusers_reads(path, config_dir, family: str, tokenizer_dir):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd2"])
-def test_train_export_and_diffusers_reads_back_the_trained_tensors(
+def test_train_export_and_diffusers_reads_back_the_trained_tensors(make_config,
     family, tiny_sdxl, tiny_sd2, tokenizer_dir, instance_dir, tmp_path, events
 ):
     tiny = {"sdxl": tiny_sdxl, "sd2": tiny_sd2}[family]
-    config = _config(tiny, tokenizer_dir, instance_dir, train_text_encoder=True, train_text_encoder_2=True)
+    config = _config(make_config, tiny, train_text_encoder=True, train_text_encoder_2=True)
     result = run(config, tmp_path / "zwx", events)
     assert not result.cancelled and len(result.checkpoints) == 1
     assert all(torch.isfinite(torch.tensor(loss)) for loss in result.losses)
@@ -103,10 +89,10 @@ def test_train_export_and_diffusers_reads_back_the_trained_tensors(
     assert any("gets no .yaml" in w and "released shape" in w for w in warnings)
 
 
-def test_sdxl_resume_continues_bit_for_bit(tiny_sdxl, tokenizer_dir, instance_dir, tmp_path):
+def test_sdxl_resume_continues_bit_for_bit(make_config, tiny_sdxl, tokenizer_dir, instance_dir, tmp_path):
     from dreambooth.events import CANCEL_FILE, Events
 
-    config = _config(tiny_sdxl, tokenizer_dir, instance_dir, max_steps=6, hflip=True, center_crop=False,
+    config = _config(make_config, tiny_sdxl, max_steps=6, hflip=True, center_crop=False,
                      train_text_encoder_2=True, prior_preservation=False)
     straight = run(config, tmp_path / "a" / "zwx", Events())
     source, trained = read_tensors(tiny_sdxl.path), read_tensors(straight.checkpoints[-1])
@@ -246,13 +232,13 @@ def test_an_sdxl_v_prediction_export_carries_the_v_pred_marker_and_reads_back_as
     assert loaded.components.prediction_type == "v_prediction"
 
 
-def test_sdxl_second_text_encoder_learning_rate(tiny_sdxl, tokenizer_dir, instance_dir, tmp_path):
+def test_sdxl_second_text_encoder_learning_rate(make_config, tiny_sdxl, tokenizer_dir, instance_dir, tmp_path):
     from dreambooth.events import Events
 
     key = "conditioner.embedders.1.model.ln_final.weight"
     weights = []
     for lr in (1e-3, 1e-2):
-        config = _config(tiny_sdxl, tokenizer_dir, instance_dir, max_steps=2, prior_preservation=False,
+        config = _config(make_config, tiny_sdxl, max_steps=2, prior_preservation=False,
                          train_text_encoder_2=True, text_encoder_2_lr=lr)
         weights.append(read_tensors(run(config, tmp_path / str(lr) / "zwx", Events()).checkpoints[-1])[key])
     assert not torch.equal(weights[0], weights[1])

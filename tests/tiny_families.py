@@ -12,25 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny_model import SD_SCHEDULER, TINY_VAE
 
 from dreambooth.models.components import Components
 from dreambooth.models.export import checkpoint_tensors, save_checkpoint
 from dreambooth.models.families import family_named
 from dreambooth.models.tokenizer import load_clip_tokenizer
 
-VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": [8, 16, 16, 16],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-}
-SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-            "steps_offset": 1, "clip_sample": False}
+VAE = TINY_VAE
+SCHEDULE = {k: v for k, v in SD_SCHEDULER.items() if k != "prediction_type"}
 OPEN_CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                   "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 16}
 SD2_UNET = {

@@ -85,9 +85,7 @@ class ImageLatents:
                     geometry = (handle.metadata() or {}).get("geometry")
                     if geometry:  # a cache file from before geometries were kept is made again
                         numbers = [int(n) for n in geometry.split(",")]
-                        return handle.get_tensor("dist").to(self.device), ImageGeometry(
-                            tuple(numbers[0:2]), tuple(numbers[2:4]), tuple(numbers[4:6])
-                        )
+                        return handle.get_tensor("dist").to(self.device), ImageGeometry.from_time_ids(numbers)
         pixels, geometry = self._pixels(path, flip, random.Random(0))
         dist = self._encode(pixels)[0]
         if file is not None:
@@ -125,14 +123,14 @@ class ImageLatents:
         overflow fp16 (SDXL's into NaN latents), so a half-precision VAE is widened for the call."""
         self.encodes += 1
         vae_param = next(self.vae.parameters())
-        dtype = vae_param.dtype
-        if dtype == torch.float16:
+        widen = vae_param.dtype == torch.float16
+        if widen:
             self.vae.to(torch.float32)
         try:
-            dist = self.vae.encode(pixels.to(vae_param.device, torch.float32 if dtype == torch.float16 else dtype))
+            dist = self.vae.encode(pixels.to(vae_param.device, next(self.vae.parameters()).dtype)).latent_dist
         finally:
-            self.vae.to(dtype)
-        dist = dist.latent_dist
+            if widen:
+                self.vae.to(torch.float16)
         return torch.cat([dist.mean, dist.std], dim=1).float().to(self.device)
 
 
@@ -193,5 +191,4 @@ class PromptEmbeddings:
     @property
     def tokenizers(self) -> list:
         """One tokenizer per text encoder, in the family's order."""
-        names = (n.replace("text_encoder", "tokenizer") for n in self.family.text_encoder_names)
-        return [getattr(self.components, name) for name in names]
+        return [getattr(self.components, name) for name in self.family.tokenizer_names]

@@ -30,6 +30,11 @@ class ImageGeometry:
         """SDXL's six micro-conditioning numbers, in its order."""
         return [*self.original_size, *self.crop_top_left, *self.target_size]
 
+    @classmethod
+    def from_time_ids(cls, numbers: list[int]) -> ImageGeometry:
+        """The inverse of :meth:`as_time_ids`."""
+        return cls(tuple(numbers[0:2]), tuple(numbers[2:4]), tuple(numbers[4:6]))
+
 
 @dataclass(frozen=True)
 class Conditioning:

@@ -88,7 +88,7 @@ def train(run: Run) -> RunResult:
     """Train until ``run.total_steps`` optimizer steps are done or a cancel is requested."""
     cfg, unet = run.config, run.components.unet
     scheduler = run.components.scheduler
-    text_encoders = trained_text_encoders(run) if cfg.text_encoder_stop > 0 else {}
+    text_encoders = trained_text_encoders(cfg, run.components) if cfg.text_encoder_stop > 0 else {}
     train_te = bool(text_encoders)
     unet.requires_grad_(True).train()
     for name, module in run.components.text_encoders.items():
@@ -271,10 +271,10 @@ def train(run: Run) -> RunResult:
     return outcome
 
 
-def trained_text_encoders(run: Run) -> dict[str, float]:
-    """The text encoders this run trains (``Components`` attribute → learning rate): the first when
+def trained_text_encoders(cfg: TrainConfig, components: Components) -> dict[str, float]:
+    """The text encoders a run of ``cfg`` trains (``Components`` attribute → learning rate): the first when
     ``train_text_encoder`` is on, the second (SDXL) when ``train_text_encoder_2`` is."""
-    cfg, present = run.config, run.components.text_encoders
+    present = components.text_encoders
     wanted = {"text_encoder": (cfg.train_text_encoder, cfg.text_encoder_lr),
               "text_encoder_2": (cfg.train_text_encoder_2, cfg.text_encoder_2_lr)}
     return {name: lr for name, (on, lr) in wanted.items() if on and name in present}

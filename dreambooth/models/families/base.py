@@ -62,6 +62,11 @@ class ModelFamily:
         extra = tuple(f"{name}/config.json" for name in self.text_encoder_names if name != "text_encoder")
         return COMMON_CONFIG_FILES + extra
 
+    @property
+    def tokenizer_names(self) -> tuple[str, ...]:
+        """The ``Components`` attributes of the tokenizers, one per text encoder, in the same order."""
+        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoder_names)
+
     def stock_config_folder(self, prediction_type: str | None = None) -> Path:
         """The shipped config folder for ``prediction_type`` (the family's usual one when it has none of its own)."""
         folder = self.stock_predictions.get(prediction_type or "") or self.stock_predictions[self.default_prediction]
@@ -121,10 +126,8 @@ class ModelFamily:
     def pipeline_components(self, components: Components) -> dict[str, Any]:
         """The keyword arguments that build :attr:`pipeline_class` over these components (scheduler apart)."""
         parts = {"unet": components.unet, "vae": components.vae}
-        for name in self.text_encoder_names:
+        for name in (*self.text_encoder_names, *self.tokenizer_names):
             parts[name] = getattr(components, name)
-            parts[name.replace("text_encoder", "tokenizer")] = getattr(components, name.replace("text_encoder",
-                                                                                               "tokenizer"))
         return parts
 
     def pipeline_extras(self) -> dict[str, Any]:
