@@ -278,6 +278,14 @@ def dropdown_choices(page: Page) -> list[str]:
     return choices
 
 
+def wait_until_listed(page: Page, name: str, deadline: float) -> None:
+    """Wait (without a reload or a click on 🔄) until the page's txt2img dropdown offers ``name``."""
+    while name not in dropdown_choices(page):
+        assert time.monotonic() < deadline, (name, dropdown_choices(page), page.evaluate(
+            "() => JSON.stringify(window.dreamboothCheckpointWatch)"))
+        time.sleep(0.2)
+
+
 def test_every_open_page_lists_a_new_checkpoint_within_seconds(tmp_path: Path, tiny, tokenizer_dir,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Two pages opened before the run; page B never opens the DreamBooth tab. Each checkpoint the run saves is
@@ -320,17 +328,20 @@ def test_every_open_page_lists_a_new_checkpoint_within_seconds(tmp_path: Path, t
                 time.sleep(0.1)
             assert first.exists(), supervisor.status()
             saved_at = time.monotonic()
-            for page in pages:  # listed within a few seconds on both pages
+            for page in pages:  # listed within a few seconds on both pages (page A's dropdown is hidden for now)
                 page.wait_for_function("() => window.dreamboothCheckpointWatch.refreshes >= 1", timeout=10_000)
+            wait_until_listed(pages[1], "zwx/zwx_2.safetensors", saved_at + 10)
             listed_after = time.monotonic() - saved_at
             assert listed_after < 5, listed_after
             assert supervisor.wait(240) and supervisor.status().finished, supervisor.status()
             assert not pages[1].locator("#dreambooth_train").is_visible()
             pages[0].locator("button", has_text="txt2img").first.click()  # page A goes back to txt2img
-            for page in pages:
-                page.wait_for_function("() => window.dreamboothCheckpointWatch.refreshes >= 2", timeout=10_000)
+            finished_at = time.monotonic()
+            for page in pages:  # the last save too (a tiny run may save twice between two answers: one refresh)
+                wait_until_listed(page, "zwx/zwx_4.safetensors", finished_at + 10)
                 assert dropdown_choices(page) == ["tiny-sd1.safetensors", "zwx/zwx_2.safetensors",
                                                   "zwx/zwx_4.safetensors"]
+            assert time.monotonic() - finished_at < 5
             browser.close()
     finally:
         supervisor.cancel()
