@@ -251,6 +251,42 @@ class TrainConfig:
         1.0, label="LR power", group="Schedule", minimum=0.1, maximum=10.0, help="Power of the 'polynomial' schedule."
     )
 
+    method: str = option(
+        "full",
+        label="What to train",
+        group="Method",
+        choices=("full", "lora"),
+        help="'full': fine-tune every weight and save whole checkpoints (2-7 GB, listed in the checkpoint dropdown); "
+        "'lora': train small LoRA adapters and save LoRA files (a few MB, listed in the web UI's Lora tab, used "
+        "as <lora:name:1> on top of any checkpoint of the family).",
+    )
+    lora_rank: int = option(
+        16,
+        label="LoRA rank",
+        group="Method",
+        minimum=1,
+        maximum=1024,
+        help="Rank (network dim) of each adapter: more learns more detail, in a bigger file.",
+    )
+    lora_alpha: float = option(
+        16.0,
+        label="LoRA alpha",
+        group="Method",
+        minimum=0.0,
+        maximum=4096.0,
+        help="Each adapter adds (alpha / rank) x up x down to its layer's weight; alpha = rank adds it at full "
+        "strength, alpha = rank / 2 at half (a gentler learning rate).",
+    )
+    lora_layers: str = option(
+        "attention_ff",
+        label="LoRA layers",
+        group="Method",
+        choices=("attention", "attention_ff", "attention_ff_conv"),
+        help="Which UNet layers get adapters: the attention projections; also the transformer blocks' "
+        "feed-forward and in/out projections (kohya's default); also the ResNet and resampling convolutions "
+        "(LoCon). 'Train text encoder' puts adapters on the text encoder's attention and MLP, at its own rate.",
+    )
+
     train_text_encoder: bool = option(
         False,
         label="Train text encoder",
@@ -715,6 +751,9 @@ def validate_for_training(config: TrainConfig) -> list[str]:
             "Adafactor runs on fp32 weights with the plain optimizer step.",
             "Pick adamw or adamw_8bit, or set 'weights_dtype' to fp32 and 'optimizer_in_backward' off.",
         )
+    if config.method == "lora" and config.save_format != "safetensors":
+        raise ConfigError("LoRA files are written as .safetensors only (the web UI's Lora reads that format).",
+                          "Set 'save_format' to safetensors.")
     if (config.train_text_encoder or config.train_text_encoder_2) and config.cache_text_embeddings:
         warnings.append("Text embeddings are not cached while the text encoder trains.")
     return warnings

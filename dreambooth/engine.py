@@ -29,6 +29,7 @@ from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train, trained_text_encoders
 from .train.parallel import Parallel, from_environment, leave_process_group
+from .train.trained import trained_weights
 from .train.speed.step_graph import enable_checkpointing
 
 T = TypeVar("T")
@@ -161,7 +162,8 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         prompts([e.prompt for e in instance + classes], trainable=False)
         helpers.park()  # the step reads only cached latents and embeddings: free the GPU of VAE and text encoder
 
-    output_dir = Path(config.output_dir) if config.output_dir else model_dir / "checkpoints"
+    output_dir = Path(config.output_dir) if config.output_dir else model_dir / default_output_folder(config)
+    write = _save if config.method == "full" else _lora_writer()
     outcome: RunResult = train(
         Run(
             config=config,
@@ -180,14 +182,17 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
                 **({"train_text_encoder_2": True} if config.train_text_encoder_2 else {}),
                 "optimizer": config.optimizer,
                 "seed": config.seed,
+                **({"lora": [config.lora_rank, config.lora_alpha, config.lora_layers]} if config.method == "lora"
+                   else {}),
                 # another process count draws other batches: its resume point does not continue this run
                 **({"processes": parallel.world} if parallel.active else {}),
             },
             events=events,
-            save_checkpoint=lambda step: _save(config, loaded, output_dir, step, events),
+            save_checkpoint=lambda step: write(config, loaded, output_dir, step, events),
             render_samples=lambda step: helpers.lent(lambda: _samples(config, loaded, model_dir, step)),
             cancel_requested=cancel_file.exists,
             parallel=parallel,
+            trained=trained_weights(config),
         )
     )
     events.emit(
@@ -342,6 +347,17 @@ def _class_examples(
         check_images(paths, min_side)
         examples += class_examples(concept, paths)
     return examples
+
+
+def default_output_folder(config: TrainConfig) -> str:
+    """The model folder's sub-folder its files go to when ``output_dir`` is empty."""
+    return "loras" if config.method == "lora" else "checkpoints"
+
+
+def _lora_writer() -> Callable[..., Path]:
+    from .models.lora_export import save_lora
+
+    return save_lora
 
 
 def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:

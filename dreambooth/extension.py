@@ -32,7 +32,7 @@ def supervisor() -> Supervisor:
         host = web_ui_host()
         folder = host.command_line("dreambooth_dir") or host.models_dir / "dreambooth"
         python = host.command_line("dreambooth_python") or sys.executable
-        _supervisor = Supervisor(host, Path(folder), host.checkpoints_dir, python=python)
+        _supervisor = Supervisor(host, Path(folder), host.checkpoints_dir, python=python, loras_dir=host.loras_dir)
         _apply_settings()
     return _supervisor
 

@@ -112,12 +112,13 @@ class Supervisor:
 
     def __init__(self, host: Host, dreambooth_dir: Path, checkpoints_dir: Path, python: str = sys.executable,
                  *, launcher: Sequence[str] | None = None, cancel_timeout: float = 60.0,
-                 poll_interval: float = 0.25) -> None:
-        """``launcher`` replaces ``[python, "-m", "dreambooth"]`` (e.g. ``accelerate launch -m dreambooth``);
+                 poll_interval: float = 0.25, loras_dir: Path | None = None) -> None:
+        """``loras_dir`` (default ``<checkpoints_dir>/../Lora``) is where LoRA runs write; ``launcher`` replaces ``[python, "-m", "dreambooth"]`` (e.g. ``accelerate launch -m dreambooth``);
         ``train <config> --json`` is appended to it."""
         self.host = host
         self.dreambooth_dir = Path(dreambooth_dir)
         self.checkpoints_dir = Path(checkpoints_dir)
+        self.loras_dir = Path(loras_dir) if loras_dir is not None else self.checkpoints_dir.parent / "Lora"
         self.python = python
         self.launcher = list(launcher) if launcher is not None else [python, "-m", "dreambooth"]
         self.cancel_timeout = cancel_timeout
@@ -189,8 +190,11 @@ class Supervisor:
         """Make ``config.output_dir`` this model's own: empty, or another model's checkpoint folder (a config copied
         from another model, or trained under a name never created), becomes ``<checkpoints>/<name>``. A folder the
         user set for this model and no other is kept. Returns a warning when a copied folder was replaced."""
-        own = self.checkpoints_dir / check_model_name(config.model_name)
-        if not config.output_dir:
+        name = check_model_name(config.model_name)
+        own, other_kind = self.checkpoints_dir / name, self.loras_dir / name
+        if config.method == "lora":  # a LoRA never lands where the checkpoint dropdown lists it, nor the reverse
+            own, other_kind = other_kind, own
+        if not config.output_dir or _same_path_key(Path(config.output_dir)) == _same_path_key(other_kind):
             config.output_dir = str(own)
             return None
         owner = self._output_owner(Path(config.output_dir), config.model_name)
@@ -201,15 +205,15 @@ class Supervisor:
                 f"{config.model_name!r} saves its checkpoints to {own} instead.")
 
     def _output_owner(self, folder: Path, name: str) -> str | None:
-        """The other model whose files ``folder`` would land among: its default checkpoint folder
-        ``<checkpoints>/<other>``, its model folder, or the output_dir its config.json names (or a folder inside
+        """The other model whose files ``folder`` would land among: its default checkpoint or LoRA folder
+        (``<checkpoints>/<other>``, ``<Lora>/<other>``), its model folder, or the output_dir its config.json names (or a folder inside
         its default or model folder); None when the folder belongs to no other model."""
         target = _same_path_key(folder)
         for other in self.list_models():
             if os.path.normcase(other) == os.path.normcase(name):
                 continue
-            if any(_inside(target, _same_path_key(place)) for place in (self.checkpoints_dir / other,
-                                                                          self.model_dir(other))):
+            places = (self.checkpoints_dir / other, self.loras_dir / other, self.model_dir(other))
+            if any(_inside(target, _same_path_key(place)) for place in places):
                 return other
             try:
                 configured = load_config(self.model_dir(other) / CONFIG_NAME).output_dir
@@ -402,8 +406,11 @@ class Supervisor:
                 s.checkpoints = [str(p) for p in event.get("checkpoints", s.checkpoints)] or s.checkpoints
                 s.message = "Cancelled" if s.cancelled else "Finished"
             step, total, text = s.step, s.total, s.message
-        if kind == "checkpoint_saved":
+        if kind == "checkpoint_saved" and event.get("kind") == "lora":
+            self._host_call("refresh the LoRA list", self.host.refresh_loras)
+        elif kind == "checkpoint_saved":
             self._host_call("refresh the checkpoint list", self.host.refresh_checkpoints)
+        if kind == "checkpoint_saved":
             with self._lock:
                 self._saved_count += 1
         if kind in ("started", "step", "progress"):

@@ -108,6 +108,9 @@ class RecordingHost:
         files = sorted(root.rglob("*.safetensors")) if root.is_dir() else []
         self.titles = {str(p.relative_to(root)).replace("\\", "/"): p for p in files}
 
+    def refresh_loras(self) -> None:
+        self._log("refresh_loras")
+
     def unload_model(self) -> None:
         self._log("unload_model")
 

@@ -40,6 +40,10 @@ class Host(Protocol):
         """Re-list the checkpoint files so that newly written ones appear in the dropdown."""
         ...
 
+    def refresh_loras(self) -> None:
+        """Re-list the LoRA files so that newly written ones appear in the host's Lora tab (nothing where none)."""
+        ...
+
     def unload_model(self) -> None:
         """Free the accelerator's memory before training, with the host's own functions."""
         ...
@@ -76,6 +80,8 @@ class WebUi(Host, Protocol):
 
     checkpoints_dir: Path
     """The folder the web UI lists checkpoints from (``models/Stable-diffusion`` or ``--ckpt-dir``)."""
+    loras_dir: Path
+    """The folder its built-in Lora lists LoRA files from (``models/Lora`` or ``--lora-dir``)."""
 
     def on_ui_tabs(self, callback: Callable[[], list[tuple[Any, str, str]]]) -> None:
         """Call ``callback`` when the web UI builds its tabs; it returns ``[(blocks, title, elem_id)]``."""

@@ -63,6 +63,17 @@ def diffusers_requirement(transformers_version: str | None) -> str:
     return "diffusers"
 
 
+def peft_requirement(transformers_version: str | None, accelerate_version: str | None) -> str:
+    """The peft that imports beside the installed transformers and accelerate: peft 0.14 imports
+    ``transformers.Cache`` (4.36+), 0.15 on ``accelerate.utils.memory.clear_device_cache`` (accelerate 1.1+), and
+    transformers 5 needs 0.18 or newer."""
+    transformers = version_tuple(transformers_version or "0")
+    accelerate = version_tuple(accelerate_version or "0")
+    if transformers >= (5,) and accelerate >= (1, 1):
+        return "peft>=0.18,<0.22"
+    return "peft>=0.10,<0.14"
+
+
 def missing_requirements() -> list[Missing]:
     """Everything needed that is absent (or, for diffusers, of a version that cannot import here)."""
     missing = [Missing(name, name, "not installed; the web UI normally brings it", False)
@@ -75,6 +86,13 @@ def missing_requirements() -> list[Missing]:
     elif wanted.endswith("0.31.0") and version_tuple(diffusers) >= (0, 32):
         missing.append(Missing("diffusers", wanted, f"diffusers {diffusers} cannot import beside transformers "
                                f"{transformers} (it needs 4.37 or newer)", False))
+    peft = installed_version("peft")
+    wanted_peft = peft_requirement(transformers, installed_version("accelerate"))
+    if peft is None:
+        missing.append(Missing("peft", wanted_peft, "not installed (LoRA training needs it)", True))
+    elif wanted_peft.endswith("<0.14") and version_tuple(peft) >= (0, 14):
+        missing.append(Missing("peft", wanted_peft, f"peft {peft} cannot import beside transformers {transformers} "
+                               "and this accelerate (it needs newer ones)", False))
     return missing
 
 

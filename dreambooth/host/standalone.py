@@ -54,6 +54,7 @@ class StandaloneHost:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = Path(models_dir)
         self.checkpoints_dir = self.models_dir / "Stable-diffusion"
+        self.loras_dir = self.models_dir / "Lora"
         self.selected: Path | None = None
         """The checkpoint last picked with "Use in txt2img" (there is no txt2img here; it is only remembered)."""
         self.job: tuple[str, int, int, str] | None = None
@@ -82,6 +83,9 @@ class StandaloneHost:
         found = checkpoint_titles(self.checkpoints_dir)
         with self._lock:
             self._titles = found
+
+    def refresh_loras(self) -> None:
+        """Nothing: the standalone app lists no LoRAs."""
 
     def unload_model(self) -> None:
         """Nothing is loaded here."""

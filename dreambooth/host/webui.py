@@ -14,6 +14,7 @@ model is never moved while a generation uses it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,17 @@ class WebUiCommon:
         """Re-list the checkpoint files (pages loaded from now on list them; open pages click the dropdown's 🔄
         through ``javascript/dreambooth.js``)."""
         shared.refresh_checkpoints()
+
+    @property
+    def loras_dir(self) -> Path:
+        """The folder the web UI's built-in Lora lists LoRA files from (``--lora-dir``, default ``models/Lora``)."""
+        return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
+
+    def refresh_loras(self) -> None:
+        """Re-list the LoRA files in the built-in Lora's list (its module ``networks``, when it is loaded)."""
+        networks = sys.modules.get("networks")
+        if networks is not None and hasattr(networks, "list_available_networks"):
+            networks.list_available_networks()
 
     def job_started(self, title: str, total_steps: int) -> None:
         """Show the run in ``shared.state`` (its Interrupt flag is cleared by ``begin``)."""

@@ -58,6 +58,14 @@ def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any
     return out
 
 
+def unet_module_to_ldm(module: str, config: Mapping[str, Any]) -> str:
+    """The LDM name (without ``model.diffusion_model.``) of a diffusers UNet module: ``down_blocks.1.attentions.0``
+    → ``input_blocks.4.1``."""
+    per_level = config["layers_per_block"] + 1
+    up_has_attention = ["CrossAttn" in t for t in config["up_block_types"]]
+    return _unet_key(module + ".weight", per_level, up_has_attention).removesuffix(".weight")
+
+
 def _unet_key(key: str, per_level: int, up_has_attention: list[bool]) -> str:
     module, _, param = key.rpartition(".")
     for name, ldm in _UNET_TOP.items():

@@ -38,6 +38,7 @@ from .speed.layout import (
 from .speed.scalars import DeviceScalars
 from .speed.step_graph import StepGraph, capture_step, checkpointing_is_graph_safe
 from .state import latest_snapshot, restore_snapshot, save_snapshot
+from .trained import FullWeights
 from .update import Updater
 
 
@@ -63,6 +64,8 @@ class Run:
     cancel_requested: Callable[[], bool]
     parallel: Parallel = field(default_factory=Parallel)
     """This process's share of a data-parallel run (one process: the whole run)."""
+    trained: FullWeights = field(default_factory=FullWeights)
+    """What trains: every weight, or LoRA adapters (``train/trained.py``)."""
 
 
 @dataclass
@@ -90,9 +93,7 @@ def train(run: Run) -> RunResult:
     scheduler = run.components.scheduler
     text_encoders = trained_text_encoders(cfg, run.components) if cfg.text_encoder_stop > 0 else {}
     train_te = bool(text_encoders)
-    unet.requires_grad_(True).train()
-    for name, module in run.components.text_encoders.items():
-        module.requires_grad_(name in text_encoders).train(name in text_encoders)
+    run.trained.attach(run.components, text_encoders)
     channels_last = uses_channels_last(cfg.channels_last, run.device)
     if channels_last:
         to_channels_last(unet)
@@ -108,7 +109,7 @@ def train(run: Run) -> RunResult:
         compile_optimizer=cfg.compile_optimizer,
         parallel=run.parallel,
     )
-    models = {"unet": unet, **{name: run.components.text_encoders[name] for name in text_encoders}}
+    models = run.trained.snapshot_parts(run.components, text_encoders)
 
     order = DataOrder(len(run.instance), len(run.classes), cfg.seed)
     step = 0
@@ -192,7 +193,7 @@ def train(run: Run) -> RunResult:
         if train_te and step >= te_stop_step:
             train_te = False
             for name in text_encoders:
-                run.components.text_encoders[name].requires_grad_(False).eval()
+                run.trained.freeze(run.components.text_encoders[name])
         torch.manual_seed(step_seed(cfg.seed, step, ROUNDING_STREAM))  # bf16 stochastic rounding draws from it
         for micro in range(cfg.gradient_accumulation):
             # the step's batches are drawn in one order everywhere; process r of w takes every w-th, from the r-th

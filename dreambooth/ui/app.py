@@ -23,7 +23,8 @@ def launch(models_dir: Path, host: str = "127.0.0.1", port: int = 7861, auth: st
     models_dir = Path(models_dir).resolve()
     install_demo_model(models_dir / "Stable-diffusion")
     web_host = StandaloneHost(models_dir)
-    supervisor = Supervisor(web_host, models_dir / "dreambooth", web_host.checkpoints_dir)
+    supervisor = Supervisor(web_host, models_dir / "dreambooth", web_host.checkpoints_dir,
+                            loras_dir=web_host.loras_dir)
     blocks = build_tab(supervisor, web_host, standalone=True, default_source=DEMO_TITLE)
     credentials = parse_credentials(auth)
     blocks.queue()

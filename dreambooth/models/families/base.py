@@ -56,6 +56,16 @@ class ModelFamily:
     }
     """Where each component's weights live in the single file (``Components`` attribute → key prefix)."""
 
+    lora_prefixes: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    """The prefix of each part's keys in a LoRA file of kohya's layout, the one the web UI's Lora reads."""
+    lora_unet_names: str = "diffusers"
+    """How a LoRA file names the UNet's layers: 'diffusers' (module paths as diffusers has them, as kohya writes
+    SD 1.x/2.x LoRAs) or 'ldm' (the single file's, as kohya writes SDXL's: the web UI misplaces some diffusers
+    names of SDXL)."""
+    lora_base_version: str = "sd_v1"
+    """A LoRA's ``ss_base_model_version``: the web UI's Lora tab offers one whose value starts with 'sdxl_' only
+    beside an SDXL model, any other only beside the others."""
+
     @property
     def config_files(self) -> tuple[str, ...]:
         """The files of its diffusers config folder that the single-file loader reads."""

@@ -23,6 +23,7 @@ class SD2(ModelFamily):
     """SD 2.0 / 2.1, base (512, epsilon) and 768-v."""
 
     name = "sd2"
+    lora_base_version = "sd_v2"
     label = "SD 2.x"
     pad_tokens = {"tokenizer": "!"}
     stock_predictions = {"epsilon": "sd2", "v_prediction": "sd2-v"}

@@ -37,6 +37,9 @@ class SDXL(ModelFamily):
         "text_encoder": CLIP_PREFIX,
         "text_encoder_2": OPEN_CLIP_PREFIX,
     }
+    lora_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    lora_unet_names = "ldm"
+    lora_base_version = "sdxl_base_v1-0"
 
     def recognises(self, shapes: Shapes) -> bool:
         return OPEN_CLIP_PREFIX + "ln_final.weight" in shapes and any(k.startswith(CLIP_PREFIX) for k in shapes)

@@ -1,0 +1,167 @@
+"""What a run trains: every weight of the UNet and of the trained text encoders (``method="full"``), or LoRA
+adapters on them (``method="lora"``, built with ``peft``, the library diffusers itself uses).
+
+The loop asks this one object which parameters train, which tensors a resume snapshot holds, and how a text
+encoder stops training; it never tests the method itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..models.components import Components
+
+ADAPTER = "default"
+"""The name peft gives the one adapter a run trains."""
+
+UNET_LAYERS: Mapping[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "attention_ff_conv": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                          "conv1", "conv2", "conv_shortcut", "conv"),
+}
+"""``lora_layers`` → the UNet modules (by the last parts of their names) that get adapters."""
+
+TEXT_ENCODER_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+"""A text encoder's adapters: every projection of its attention and MLP (all four attention projections, which
+the web UI needs to patch OpenCLIP's fused attention)."""
+
+
+class FullWeights:
+    """Every weight of the UNet and of the trained text encoders trains, and a snapshot holds them all."""
+
+    kind = "full"
+
+    def attach(self, components: Components, text_encoders: Collection[str]) -> None:
+        """Make the UNet and the named text encoders trainable; the other text encoders stay frozen."""
+        components.unet.requires_grad_(True).train()
+        for name, module in components.text_encoders.items():
+            module.requires_grad_(name in text_encoders).train(name in text_encoders)
+
+    def snapshot_parts(self, components: Components, text_encoders: Collection[str]) -> dict[str, torch.nn.Module]:
+        """What a resume snapshot saves and restores, by name: objects with ``state_dict``/``load_state_dict``."""
+        return {"unet": components.unet, **{name: components.text_encoders[name] for name in text_encoders}}
+
+    def freeze(self, module: torch.nn.Module) -> None:
+        """Stop training a text encoder (``text_encoder_stop``)."""
+        module.requires_grad_(False).eval()
+
+
+class LoraAdapters(FullWeights):
+    """LoRA adapters of ``rank`` and ``alpha`` on the UNet's ``lora_layers`` and on every trained text encoder's
+    attention and MLP; the models' own weights stay frozen, and a snapshot holds only the adapters."""
+
+    kind = "lora"
+
+    def __init__(self, rank: int, alpha: float, unet_layers: str) -> None:
+        self.rank, self.alpha, self.unet_layers = rank, alpha, unet_layers
+
+    def attach(self, components: Components, text_encoders: Collection[str]) -> None:
+        """Add the adapters (once) and make only them trainable."""
+        components.unet.requires_grad_(False).train()
+        self._inject(components.unet, UNET_LAYERS[self.unet_layers], "the UNet")
+        for name, module in components.text_encoders.items():
+            module.requires_grad_(False).train(name in text_encoders)
+            if name in text_encoders:
+                self._inject(module, TEXT_ENCODER_LAYERS, name.replace("_", " "))
+        for module in (components.unet, *(components.text_encoders[n] for n in text_encoders)):
+            for parameter_name, parameter in module.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.requires_grad_(True)
+
+    def snapshot_parts(self, components: Components, text_encoders: Collection[str]) -> dict[str, AdapterWeights]:
+        return {"unet": AdapterWeights(components.unet),
+                **{name: AdapterWeights(components.text_encoders[name]) for name in text_encoders}}
+
+    def freeze(self, module: torch.nn.Module) -> None:
+        for parameter_name, parameter in module.named_parameters():
+            if "lora_" in parameter_name:
+                parameter.requires_grad_(False)
+        module.eval()
+
+    def _inject(self, model: torch.nn.Module, layers: tuple[str, ...], what: str) -> None:
+        if any(True for _ in lora_layers(model)):
+            return
+        from peft import LoraConfig, inject_adapter_in_model
+
+        narrowest = min(((width_of(m), n) for n, m in model.named_modules() if _targeted(n, layers)), default=None)
+        if narrowest is None:
+            raise ConfigError(f"{what} has none of the layers 'lora_layers' = {self.unet_layers!r} names.",
+                              "Pick another 'lora_layers'.")
+        if self.rank > narrowest[0]:
+            raise ConfigError(
+                f"'lora_rank' {self.rank} is more than the width of {what}'s layer {narrowest[1]} "
+                f"({narrowest[0]}): an adapter cannot have a higher rank than the layer it adapts.",
+                f"Set 'lora_rank' to {narrowest[0]} or less.",
+            )
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(layers),
+                            init_lora_weights="gaussian")
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+
+
+class AdapterWeights:
+    """A model's adapters as a resume snapshot sees them: their tensors only, by peft's names."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters' tensors."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=ADAPTER)
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put saved adapter tensors back (all of them, or fail)."""
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, dict(tensors), adapter_name=ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"the snapshot's adapters do not fit this model: {unexpected[:3]}")
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The adapters' parameters."""
+        return (p for n, p in self.model.named_parameters() if "lora_" in n)
+
+
+def trained_weights(config: TrainConfig) -> FullWeights:
+    """The :class:`FullWeights` or :class:`LoraAdapters` a run of ``config`` trains."""
+    if config.method == "lora":
+        return LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_layers)
+    return FullWeights()
+
+
+def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``(module name, peft LoRA layer)`` of every adapted layer of ``model``."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
+            yield name, module
+
+
+def width_of(module: torch.nn.Module) -> int:
+    """The largest rank an adapter of this Linear or Conv2d can have: min(inputs × kernel, outputs)."""
+    weight = module.weight
+    return min(weight.shape[0], weight[0].numel())
+
+
+def _targeted(name: str, layers: tuple[str, ...]) -> bool:
+    return any(name == layer or name.endswith("." + layer) for layer in layers)
+
+
+def adapter_layers(components: Components) -> dict[str, dict]:
+    """``{part: {module path: LoraLayer}}`` of every adapter on the UNet and the text encoders, as trained."""
+    from ..models.lora_file import LoraLayer, part_modules
+
+    found: dict[str, dict] = {}
+    for part, model in part_modules(components):
+        layers = {name: LoraLayer(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                                  float(layer.lora_alpha[ADAPTER]))
+                  for name, layer in lora_layers(model)}
+        if layers:
+            found[part] = layers
+    return found
