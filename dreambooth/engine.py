@@ -29,8 +29,8 @@ from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train, trained_text_encoders
 from .train.parallel import Parallel, from_environment, leave_process_group
-from .train.trained import trained_weights
 from .train.speed.step_graph import enable_checkpointing
+from .train.trained import trained_weights
 
 T = TypeVar("T")
 

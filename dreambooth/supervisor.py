@@ -113,7 +113,8 @@ class Supervisor:
     def __init__(self, host: Host, dreambooth_dir: Path, checkpoints_dir: Path, python: str = sys.executable,
                  *, launcher: Sequence[str] | None = None, cancel_timeout: float = 60.0,
                  poll_interval: float = 0.25, loras_dir: Path | None = None) -> None:
-        """``loras_dir`` (default ``<checkpoints_dir>/../Lora``) is where LoRA runs write; ``launcher`` replaces ``[python, "-m", "dreambooth"]`` (e.g. ``accelerate launch -m dreambooth``);
+        """``loras_dir`` (default ``<checkpoints_dir>/../Lora``) is where LoRA runs write; ``launcher`` replaces
+        ``[python, "-m", "dreambooth"]`` (e.g. ``accelerate launch -m dreambooth``);
         ``train <config> --json`` is appended to it."""
         self.host = host
         self.dreambooth_dir = Path(dreambooth_dir)
@@ -206,8 +207,8 @@ class Supervisor:
 
     def _output_owner(self, folder: Path, name: str) -> str | None:
         """The other model whose files ``folder`` would land among: its default checkpoint or LoRA folder
-        (``<checkpoints>/<other>``, ``<Lora>/<other>``), its model folder, or the output_dir its config.json names (or a folder inside
-        its default or model folder); None when the folder belongs to no other model."""
+        (``<checkpoints>/<other>``, ``<Lora>/<other>``), its model folder, or the output_dir its config.json names
+        (or a folder inside its default or model folder); None when the folder belongs to no other model."""
         target = _same_path_key(folder)
         for other in self.list_models():
             if os.path.normcase(other) == os.path.normcase(name):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_families import build_tiny_sd2, build_tiny_sdxl, write_family_config_folder, write_tiny_single_file
 from tiny_model import build_tiny_components, write_config_folder
 
 from dreambooth.config import TrainConfig
@@ -131,3 +132,23 @@ def events(model_dir):
     log.collected = collected
     yield log
     log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    components = build_tiny_sdxl(tokenizer_dir, seed=0)
+    config_dir = write_family_config_folder(components, folder / "config", "sdxl")
+    path = write_tiny_single_file(components, "sdxl", folder / "tiny-sdxl.safetensors")
+    return dataclasses.make_dataclass("Tiny", ["path", "config_dir", "components"])(path, config_dir, components)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("tiny-sd2")
+    components = build_tiny_sd2(tokenizer_dir, seed=0, prediction_type="v_prediction")
+    config_dir = write_family_config_folder(components, folder / "config", "sd2", text_layers=2)
+    path = write_tiny_single_file(
+        components, "sd2", folder / "tiny-sd2.safetensors", {"modelspec.prediction_type": "v"}
+    )
+    return dataclasses.make_dataclass("Tiny", ["path", "config_dir", "components"])(path, config_dir, components)
