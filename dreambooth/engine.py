@@ -114,6 +114,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         if config.train_text_encoder_2 and "text_encoder_2" not in components.text_encoders:
             events.emit("warning", message=f"train_text_encoder_2 is on, but a {loaded.family.label} model has one "
                         "text encoder; it is ignored.")
+        trained_weights(config).check(components, trained_text_encoders(config, components))
         for module in components.models.values():
             module.to(device)
 

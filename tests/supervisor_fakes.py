@@ -53,7 +53,8 @@ for step in range(1, total + 1):
         temp.write_bytes(b"weights")
         os.replace(temp, path)
         saved.append(str(path))
-        emit("checkpoint_saved", path=str(path), step=step)
+        kind = {"kind": "lora"} if config.get("method") == "lora" else {}
+        emit("checkpoint_saved", path=str(path), step=step, **kind)
     if step == 2:
         emit("sample", paths=[str(model_dir / "samples" / "s2.png")], step=step)
     request = model_dir / "cancel.request"

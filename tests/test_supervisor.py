@@ -44,6 +44,23 @@ def test_create_model_writes_config_with_output_in_the_hosts_checkpoint_folder(s
     assert supervisor.load_config("zwx") == config
 
 
+def test_a_lora_run_writes_into_the_hosts_lora_folder_and_refreshes_its_lora_list(setup) -> None:
+    supervisor, host, _ = setup
+    config = trainable(supervisor, steps=4, save_every=2)
+    config.method = "lora"  # created as a full fine-tune: its output folder is the checkpoint dropdown's
+    supervisor.start(config)
+    assert supervisor.wait(30)
+    out = host.models_dir / "Lora" / "zwx"
+    assert supervisor.status().checkpoints == [str(out / "zwx_2.safetensors"), str(out / "zwx_4.safetensors")]
+    assert supervisor.load_config("zwx").output_dir == str(out)
+    assert not (host.models_dir / "Stable-diffusion" / "zwx").exists()
+    assert host.names().count("refresh_loras") == 2
+    config.method = "full"  # and back: checkpoints go where the dropdown lists them again
+    supervisor.start(config)
+    assert supervisor.wait(30)
+    assert supervisor.load_config("zwx").output_dir == str(host.models_dir / "Stable-diffusion" / "zwx")
+
+
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "C:\\x", "", "con", ".hidden"])
 def test_create_model_refuses_names_outside_the_folder(setup, name: str) -> None:
     supervisor, host, _ = setup

@@ -50,6 +50,9 @@ class FullWeights:
         """Stop training a text encoder (``text_encoder_stop``)."""
         module.requires_grad_(False).eval()
 
+    def check(self, components: Components, text_encoders: Collection[str]) -> None:
+        """Raise ``ConfigError`` now, before class images and caches, for settings these models cannot train."""
+
 
 class LoraAdapters(FullWeights):
     """LoRA adapters of ``rank`` and ``alpha`` on the UNet's ``lora_layers`` and on every trained text encoder's
@@ -57,8 +60,8 @@ class LoraAdapters(FullWeights):
 
     kind = "lora"
 
-    def __init__(self, rank: int, alpha: float, unet_layers: str) -> None:
-        self.rank, self.alpha, self.unet_layers = rank, alpha, unet_layers
+    def __init__(self, rank: int, alpha: float, unet_layers: str, seed: int = 0) -> None:
+        self.rank, self.alpha, self.unet_layers, self.seed = rank, alpha, unet_layers, seed
 
     def attach(self, components: Components, text_encoders: Collection[str]) -> None:
         """Add the adapters (once) and make only them trainable."""
@@ -77,6 +80,11 @@ class LoraAdapters(FullWeights):
         return {"unet": AdapterWeights(components.unet),
                 **{name: AdapterWeights(components.text_encoders[name]) for name in text_encoders}}
 
+    def check(self, components: Components, text_encoders: Collection[str]) -> None:
+        self._check_rank(components.unet, UNET_LAYERS[self.unet_layers], "the UNet")
+        for name in text_encoders:
+            self._check_rank(components.text_encoders[name], TEXT_ENCODER_LAYERS, name.replace("_", " "))
+
     def freeze(self, module: torch.nn.Module) -> None:
         for parameter_name, parameter in module.named_parameters():
             if "lora_" in parameter_name:
@@ -88,7 +96,16 @@ class LoraAdapters(FullWeights):
             return
         from peft import LoraConfig, inject_adapter_in_model
 
-        narrowest = min(((width_of(m), n) for n, m in model.named_modules() if _targeted(n, layers)), default=None)
+        self._check_rank(model, layers, what)
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(layers),
+                            init_lora_weights="gaussian")
+        with torch.random.fork_rng(devices=[]):  # the down weights' draw: from the seed, whatever ran before
+            torch.manual_seed(self.seed)
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+
+    def _check_rank(self, model: torch.nn.Module, layers: tuple[str, ...], what: str) -> None:
+        narrowest = min(((width_of(m), n) for n, m in model.named_modules()
+                         if _targeted(n, layers) and hasattr(m, "weight")), default=None)
         if narrowest is None:
             raise ConfigError(f"{what} has none of the layers 'lora_layers' = {self.unet_layers!r} names.",
                               "Pick another 'lora_layers'.")
@@ -98,9 +115,6 @@ class LoraAdapters(FullWeights):
                 f"({narrowest[0]}): an adapter cannot have a higher rank than the layer it adapts.",
                 f"Set 'lora_rank' to {narrowest[0]} or less.",
             )
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(layers),
-                            init_lora_weights="gaussian")
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
 
 
 class AdapterWeights:
@@ -132,7 +146,7 @@ class AdapterWeights:
 def trained_weights(config: TrainConfig) -> FullWeights:
     """The :class:`FullWeights` or :class:`LoraAdapters` a run of ``config`` trains."""
     if config.method == "lora":
-        return LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_layers)
+        return LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_layers, config.seed)
     return FullWeights()
 
 
