@@ -259,6 +259,7 @@ def web_ui_page(models: Path, port: int):
                 return gr.update(choices=host.checkpoint_titles())
 
             refresh.click(relist, None, dropdown)
+            gr.Textbox("a photo", label="Prompt", elem_id="txt2img_prompt")
         with gr.Tab("DreamBooth", elem_id="tab_dreambooth"):
             tab.render()
         page.load(None, None, None, **_event_kwargs("js", f"() => {{\n{SCRIPT_FILE.read_text()}\n}}"))
@@ -346,4 +347,47 @@ def test_every_open_page_lists_a_new_checkpoint_within_seconds(tmp_path: Path, t
     finally:
         supervisor.cancel()
         supervisor.wait(60)
+        server.close()
+
+
+def test_use_in_txt2img_puts_a_loras_tag_into_the_txt2img_prompt(tmp_path: Path, tiny, tokenizer_dir,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA is no checkpoint to switch to: "Use in txt2img" adds ``<lora:name:1>`` to the txt2img prompt, once."""
+    from dreambooth.config import TrainConfig
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny.path, models / "Stable-diffusion" / "tiny-sd1.safetensors")
+    photos = tmp_path / "photos"
+    for i in range(2):
+        draw_subject(photos / f"zwx_{i}.png", seed=i)
+    port = free_port()
+    server, supervisor = web_ui_page(models, port)
+    try:
+        config = supervisor.create_model("zwx", "tiny-sd1")
+        supervisor.start(TrainConfig.from_dict({
+            **config.to_dict(), "model_config_dir": str(tiny.config_dir), "tokenizer_dir": str(tokenizer_dir),
+            "resolution": 64, "max_steps": 2, "sample_every": 0, "device": "cpu", "prior_preservation": False,
+            "method": "lora", "lora_rank": 4,
+            "concepts": [{"instance_dir": str(photos), "instance_prompt": "photo of zwx disc"}]}))
+        assert supervisor.wait(240) and supervisor.status().finished, supervisor.status()
+        assert (models / "Lora" / "zwx" / "zwx_2.safetensors").is_file()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.locator("button", has_text="DreamBooth").first.click()
+            choose(page, "dreambooth_model", "zwx")
+            page.locator("#dreambooth_open").click()
+            expect(message(page)).to_contain_text("Opened zwx")
+            page.locator("#dreambooth_checkpoints label", has_text="zwx_2.safetensors").click()
+            for _ in range(2):  # twice: the tag is added once
+                page.locator("#dreambooth_use").click()
+                expect(message(page)).to_contain_text("<lora:zwx_2:1>")
+            page.locator("button", has_text="txt2img").first.click()
+            expect(field(page, "txt2img_prompt")).to_have_value("a photo <lora:zwx_2:1>")
+            browser.close()
+    finally:
         server.close()

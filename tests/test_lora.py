@@ -48,7 +48,7 @@ def test_a_lora_run_writes_the_web_uis_layout_and_trains_only_the_adapters(make_
              for part, model in part_modules(components) for name, _ in model.named_modules() if name}
     assert set(layers) <= known
     assert header["ss_network_module"] == "networks.lora" and header["ss_base_model_version"] == "sd_v1"
-    assert (header["ss_network_dim"], header["ss_network_alpha"], header["ss_output_name"]) == ("4", "2", "zwx")
+    assert (header["ss_network_dim"], header["ss_network_alpha"], header["ss_output_name"]) == ("4", "2", "zwx_3")
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora" and header["ss_steps"] == "3"
     assert result.checkpoints[-1].stat().st_size < tiny.path.stat().st_size / 4
 

@@ -227,8 +227,15 @@ def test_train_polls_progress_lists_checkpoints_and_refuses_a_second_start(
     assert checkpoints["value"] == "zwx_4.safetensors"
     again = tab.poll("zwx", memo)
     assert again[3] == gr.update() and again[2] == gr.update()  # nothing new: nothing re-sent
-    assert "now uses" in tab.use_checkpoint("zwx", "zwx_4.safetensors")
+    assert "now uses" in tab.use_checkpoint("zwx", "zwx_4.safetensors")[0]
     assert tab.supervisor.host.names().count("select_checkpoint") == 1
+    lora = tab.supervisor.load_config("zwx")
+    lora.method = "lora"  # the same run as a LoRA: its files go to the Lora folder, and txt2img gets its tag
+    tab.supervisor.start(lora)
+    assert tab.supervisor.wait(30)
+    message, tag = tab.use_checkpoint("zwx", "zwx_4.safetensors")
+    assert tag == "<lora:zwx_4:1>" and tag in message
+    assert tab.supervisor.host.names().count("select_checkpoint") == 1  # a LoRA is no checkpoint to switch to
     assert "Nothing is training" in tab.cancel()
 
 

@@ -43,7 +43,7 @@ def save_lora(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: 
         "seed": config.seed,
         **_kohya_training_keys(config, step),
     }
-    metadata = lora_metadata(family, prediction, config.resolution, config.model_name,
+    metadata = lora_metadata(family, prediction, config.resolution, path.stem,
                              f"{config.model_name} (step {step})", layers, training)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -88,6 +88,19 @@ def _event_kwargs(name: str, code: str) -> dict[str, Any]:
     return {name if name in parameters else "_js": code}
 
 
+ADD_TO_TXT2IMG_PROMPT = """(tag) => {
+    if (!tag) return [];
+    const root = typeof gradioApp === "function" ? gradioApp() : document;
+    const box = root.querySelector("#txt2img_prompt textarea");
+    if (box && !box.value.includes(tag)) {
+        box.value = box.value.trim() ? box.value.trim() + " " + tag : tag;
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+    }
+    return [];
+}"""
+"""Browser code run after "Use in txt2img" on a LoRA: its tag goes at the end of the txt2img prompt, once."""
+
+
 class DreamBoothTab:
     """The tab's components and the handlers behind them."""
 
@@ -194,6 +207,8 @@ class DreamBoothTab:
         self.gallery = gr.Gallery(label="Newest previews", columns=4, elem_id="dreambooth_samples")
         self.checkpoints = gr.Radio(choices=[], label="Saved checkpoints", elem_id="dreambooth_checkpoints")
         self.use_button = gr.Button("Use in txt2img", elem_id="dreambooth_use")
+        self.lora_tag = gr.Textbox("", show_label=False, elem_id="dreambooth_lora_tag",
+                                   elem_classes=["dreambooth-hidden"])
         self.run_state = gr.Textbox(
             IDLE, show_label=False, elem_id="dreambooth_run_state", elem_classes=["dreambooth-hidden"]
         )
@@ -212,8 +227,9 @@ class DreamBoothTab:
         self.train_button.click(self.train, form, [self.message, self.run_state, self.progress])
         self.cancel_button.click(self.cancel, None, self.message)
         self.use_button.click(
-            self.use_checkpoint, [self.components[self._index("model_name")], self.checkpoints], self.message
-        )
+            self.use_checkpoint, [self.components[self._index("model_name")], self.checkpoints],
+            [self.message, self.lora_tag],
+        ).then(None, self.lora_tag, None, **_event_kwargs("js", ADD_TO_TXT2IMG_PROMPT))
         self.poll_button.click(
             self.poll,
             [self.components[self._index("model_name")], self.memo],
@@ -334,18 +350,23 @@ class DreamBoothTab:
         self.supervisor.cancel()
         return f"Stopping **{running.model}** after the current step; everything saved so far is kept."
 
-    def use_checkpoint(self, model_name: str, checkpoint: str | None) -> str:
-        """Make the picked checkpoint the web UI's active one."""
+    def use_checkpoint(self, model_name: str, checkpoint: str | None) -> tuple[str, str]:
+        """Make the picked checkpoint the web UI's active one, or for a LoRA hand the page its ``<lora:name:1>``
+        for the txt2img prompt; returns the message and that tag (empty for a checkpoint)."""
         if not model_name or not checkpoint:
-            return "Pick a saved checkpoint first."
+            return "Pick a saved checkpoint first.", ""
         try:
             files = {p.name: p for p in self.supervisor.list_checkpoints(model_name)}
             if checkpoint not in files:
-                return f"**Error:** {checkpoint} is no longer there."
+                return f"**Error:** {checkpoint} is no longer there.", ""
+            if self.supervisor.load_config(model_name).method == "lora":
+                tag = f"<lora:{files[checkpoint].stem}:1>"
+                return (f"`{tag}` is added to the txt2img prompt: it applies the LoRA at the strength it was "
+                        "trained at, on top of the checkpoint txt2img uses.", tag)
             title = self.host.select_checkpoint(files[checkpoint])
         except DreamBoothError as exc:
-            return _error_text(exc)
-        return f"txt2img now uses **{title}**."
+            return _error_text(exc), ""
+        return f"txt2img now uses **{title}**.", ""
 
     def poll(self, model_name: str, memo: dict[str, Any] | None) -> list[Any]:
         """Progress, plot, new previews and the saved checkpoints (only what changed) for one poll."""
