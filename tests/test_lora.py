@@ -199,3 +199,23 @@ def test_a_rank_wider_than_a_layer_is_refused_before_anything_is_written(make_co
 def test_a_lora_saved_as_ckpt_is_refused(make_config, tmp_path):
     with pytest.raises(ConfigError, match=r"\.safetensors only"):
         run(make_config(method="lora", save_format="ckpt"), tmp_path / "zwx", Events())
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_lora_runs_name_their_family_for_the_web_uis_lora_tab(family, make_config, tiny_sd2, tiny_sdxl,
+                                                                          tmp_path):
+    tiny = {"sd2": tiny_sd2, "sdxl": tiny_sdxl}[family]
+    encoders = {"train_text_encoder": True, "text_encoder_lr": 1e-2}
+    if family == "sdxl":
+        encoders |= {"train_text_encoder_2": True, "text_encoder_2_lr": 1e-2}
+    config = _lora_config(make_config, source_checkpoint=str(tiny.path), model_config_dir=str(tiny.config_dir),
+                          max_steps=2, prior_preservation=False, **encoders)
+    result = run(config, tmp_path / "zwx", Events())
+    layers, header = read_lora(result.checkpoints[-1])
+    prefixes = {stem.split("_")[1] for stem in layers}
+    expected = {"sd2": ({"unet", "te"}, "sd_v2", "stable-diffusion-v2-768-v/lora"),
+                "sdxl": ({"unet", "te1", "te2"}, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}[family]
+    assert (prefixes, header["ss_base_model_version"], header["modelspec.architecture"]) == expected
+    still = sorted(s for s, layer in layers.items() if not layer.up.abs().max() > 0)
+    assert not still, still
+    assert header["ss_v_parameterization"] == str(family == "sd2")  # the tiny SD 2.x predicts v

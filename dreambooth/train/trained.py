@@ -7,6 +7,7 @@ encoder stops training; it never tests the method itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Mapping
 
 import torch
@@ -65,12 +66,15 @@ class LoraAdapters(FullWeights):
 
     def attach(self, components: Components, text_encoders: Collection[str]) -> None:
         """Add the adapters (once) and make only them trainable."""
+        from ..models.families import family_of
+
         components.unet.requires_grad_(False).train()
         self._inject(components.unet, UNET_LAYERS[self.unet_layers], "the UNet")
+        unread = family_of(components).unread_text_layers(components)
         for name, module in components.text_encoders.items():
             module.requires_grad_(False).train(name in text_encoders)
             if name in text_encoders:
-                self._inject(module, TEXT_ENCODER_LAYERS, name.replace("_", " "))
+                self._inject(module, _read_text_layers(module, unread.get(name)), name.replace("_", " "))
         for module in (components.unet, *(components.text_encoders[n] for n in text_encoders)):
             for parameter_name, parameter in module.named_parameters():
                 if "lora_" in parameter_name:
@@ -161,6 +165,19 @@ def width_of(module: torch.nn.Module) -> int:
     """The largest rank an adapter of this Linear or Conv2d can have: min(inputs × kernel, outputs)."""
     weight = module.weight
     return min(weight.shape[0], weight[0].numel())
+
+
+def _read_text_layers(model: torch.nn.Module, first_unread: int | None) -> tuple[str, ...]:
+    """:data:`TEXT_ENCODER_LAYERS` of a text encoder, by full module name, short of the layers from
+    ``first_unread`` on (None: all are read)."""
+    if first_unread is None:
+        return TEXT_ENCODER_LAYERS
+    names = []
+    for name, _ in model.named_modules():
+        layer = re.search(r"encoder\.layers\.(\d+)\.", name)
+        if _targeted(name, TEXT_ENCODER_LAYERS) and not (layer and int(layer[1]) >= first_unread):
+            names.append(name)
+    return tuple(names)
 
 
 def _targeted(name: str, layers: tuple[str, ...]) -> bool:

@@ -111,6 +111,11 @@ class ModelFamily:
         """Text conditioning (no time ids) of tokenized prompts, one ``input_ids`` tensor per text encoder."""
         raise NotImplementedError
 
+    def unread_text_layers(self, components: Components) -> dict[str, int]:
+        """Per text encoder whose last layers :meth:`encode_prompts` never reads, the index of the first of them:
+        adapters there would learn nothing."""
+        return {}
+
     def time_ids(self, geometries: Sequence[ImageGeometry], device: torch.device) -> torch.Tensor | None:
         """The per-image micro-conditioning its UNet reads, or None."""
         return None

@@ -60,6 +60,10 @@ class SDXL(ModelFamily):
         second, pooled = pooled_and_penultimate(components.text_encoder_2, input_ids[1])
         return Conditioning(torch.cat([first, second], dim=-1), pooled=pooled)
 
+    def unread_text_layers(self, components: Components) -> dict[str, int]:
+        """The first encoder's last layer: its penultimate one is read, and it has no pooled output."""
+        return {"text_encoder": components.text_encoder.config.num_hidden_layers - 1}
+
     def time_ids(self, geometries: Sequence[ImageGeometry], device: torch.device) -> torch.Tensor:
         return torch.tensor([g.as_time_ids() for g in geometries], dtype=torch.float32, device=device)
 
