@@ -166,6 +166,42 @@ class TrainConfig:
         group="Model",
         help="Where checkpoints are written; empty means '<model folder>/checkpoints'.",
     )
+    method: str = option(
+        "full",
+        label="What to train",
+        group="Method",
+        choices=("full", "lora"),
+        help="'full': fine-tune every weight and save whole checkpoints (2-7 GB, listed in the checkpoint dropdown); "
+        "'lora': train small LoRA adapters and save LoRA files (a few MB, listed in the web UI's Lora tab, used "
+        "as <lora:name:1> on top of any checkpoint of the family).",
+    )
+    lora_rank: int = option(
+        16,
+        label="LoRA rank",
+        group="Method",
+        minimum=1,
+        maximum=1024,
+        help="Rank (network dim) of each adapter: more learns more detail, in a bigger file.",
+    )
+    lora_alpha: float = option(
+        16.0,
+        label="LoRA alpha",
+        group="Method",
+        minimum=0.0,
+        maximum=4096.0,
+        help="Each adapter adds (alpha / rank) x up x down to its layer's weight; alpha = rank adds it at full "
+        "strength, alpha = rank / 2 at half (a gentler learning rate).",
+    )
+    lora_layers: str = option(
+        "attention_ff",
+        label="LoRA layers",
+        group="Method",
+        choices=("attention", "attention_ff", "attention_ff_conv"),
+        help="Which UNet layers get adapters: the attention projections; also the transformer blocks' "
+        "feed-forward and in/out projections (kohya's default); also the ResNet and resampling convolutions "
+        "(LoCon). 'Train text encoder' puts adapters on the text encoder's attention and MLP, at its own rate.",
+    )
+
     concepts: list[Concept] = option([], label="Concepts", group="Concept", help="The subjects to learn.")
 
     resolution: int = option(
@@ -249,42 +285,6 @@ class TrainConfig:
     )
     lr_power: float = option(
         1.0, label="LR power", group="Schedule", minimum=0.1, maximum=10.0, help="Power of the 'polynomial' schedule."
-    )
-
-    method: str = option(
-        "full",
-        label="What to train",
-        group="Method",
-        choices=("full", "lora"),
-        help="'full': fine-tune every weight and save whole checkpoints (2-7 GB, listed in the checkpoint dropdown); "
-        "'lora': train small LoRA adapters and save LoRA files (a few MB, listed in the web UI's Lora tab, used "
-        "as <lora:name:1> on top of any checkpoint of the family).",
-    )
-    lora_rank: int = option(
-        16,
-        label="LoRA rank",
-        group="Method",
-        minimum=1,
-        maximum=1024,
-        help="Rank (network dim) of each adapter: more learns more detail, in a bigger file.",
-    )
-    lora_alpha: float = option(
-        16.0,
-        label="LoRA alpha",
-        group="Method",
-        minimum=0.0,
-        maximum=4096.0,
-        help="Each adapter adds (alpha / rank) x up x down to its layer's weight; alpha = rank adds it at full "
-        "strength, alpha = rank / 2 at half (a gentler learning rate).",
-    )
-    lora_layers: str = option(
-        "attention_ff",
-        label="LoRA layers",
-        group="Method",
-        choices=("attention", "attention_ff", "attention_ff_conv"),
-        help="Which UNet layers get adapters: the attention projections; also the transformer blocks' "
-        "feed-forward and in/out projections (kohya's default); also the ResNet and resampling convolutions "
-        "(LoCon). 'Train text encoder' puts adapters on the text encoder's attention and MLP, at its own rate.",
     )
 
     train_text_encoder: bool = option(
