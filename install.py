@@ -6,6 +6,10 @@ constraints, so pip fails rather than upgrade, downgrade or reinstall any of the
 script only reads package metadata: no pip, no imports of torch. When pip fails (no network, a conflict) the web
 UI still starts and the DreamBooth tab says what is missing.
 
+An installed diffusers or peft is kept as it is, even one that cannot import here (the tab then says why): the web
+UI may have installed it itself (Forge pins peft 0.13.2). The peft range follows transformers and accelerate, see
+``dependencies.peft_requirement``.
+
 Optional packages (bitsandbytes) are installed only when named in ``DREAMBOOTH_INSTALL_OPTIONAL``
 (comma-separated). pip's own environment variables (``PIP_INDEX_URL``, ``PIP_FIND_LINKS``, ``PIP_NO_INDEX`` …) apply.
 """

@@ -21,6 +21,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HOST_PINS = {"torch": "2.13.0", "transformers": "4.30.2", "accelerate": "0.21.0", "safetensors": "0.4.2",
              "numpy": "1.26.2", "Pillow": "9.5.0", "gradio": "3.41.2", "fastapi": "0.94.0", "pydantic": "1.10.27"}
+FORGE_PINS = {"torch": "2.14.1", "transformers": "4.46.1", "accelerate": "0.31.0", "safetensors": "0.4.2",
+              "numpy": "1.26.2", "Pillow": "9.5.0", "gradio": "4.40.0", "fastapi": "0.104.1", "pydantic": "2.8.2",
+              "huggingface-hub": "0.26.2", "diffusers": "0.31.0", "peft": "0.13.2"}
+"""Forge's ``requirements_versions.txt`` (it installs peft 0.13.2 itself), torch as its venv has it."""
 
 
 def build_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
@@ -61,6 +65,15 @@ def host_venv(tmp_path_factory) -> Path:
     return python
 
 
+def offer_peft(wheels: Path) -> None:
+    """What the index offers of peft: the newest that imports beside the A1111 pins (0.13.2) and two newer ones
+    whose metadata those pins satisfy just as well (peft declares no transformers bound, and accelerate>=0.21.0)
+    but which fail to import there: only the extension's range keeps pip from choosing 0.21.2."""
+    for version, hub in (("0.13.2", "0.17.0"), ("0.14.0", "0.25.0"), ("0.21.2", "0.25.0")):
+        build_wheel(wheels, "peft", version, ("torch>=1.13.0", "accelerate>=0.21.0", "transformers", "safetensors",
+                                              "numpy>=1.17", f"huggingface-hub>={hub}"))
+
+
 def freeze(python: Path) -> set[str]:
     out = subprocess.run([str(python), "-m", "pip", "freeze", "--disable-pip-version-check"], check=True,
                          capture_output=True, text=True).stdout
@@ -92,11 +105,12 @@ def test_installs_only_the_missing_diffusers_that_fits_and_nothing_on_the_second
     build_wheel(wheels, "huggingface-hub", "1.2.0")
     build_wheel(wheels, "numpy", "2.4.0")
     build_wheel(wheels, "safetensors", "0.7.0")
+    offer_peft(wheels)
     before = freeze(host_venv)
     output, _ = run_install(host_venv, wheels)
     after = freeze(host_venv)
-    assert "installing diffusers==0.31.0" in output
-    assert after - before == {"diffusers==0.31.0", "huggingface-hub==0.36.0"}
+    assert "installing diffusers==0.31.0, peft>=0.10,<0.14" in output
+    assert after - before == {"diffusers==0.31.0", "huggingface-hub==0.36.0", "peft==0.13.2"}
     assert before - after == set()
 
     # second start: pip is not even called (a stand-in pip on the path would leave a mark) and it is quick
@@ -109,7 +123,7 @@ def test_installs_only_the_missing_diffusers_that_fits_and_nothing_on_the_second
     assert freeze(host_venv) == after
     print(f"second start of install.py: {elapsed * 1000:.0f} ms (including the Python start-up)")
     assert elapsed < 3.0
-    uninstall(host_venv, "diffusers", "huggingface-hub")
+    uninstall(host_venv, "diffusers", "huggingface-hub", "peft")
 
 
 def test_a_diffusers_that_needs_newer_pins_is_refused_not_forced(host_venv, tmp_path) -> None:
@@ -118,6 +132,7 @@ def test_a_diffusers_that_needs_newer_pins_is_refused_not_forced(host_venv, tmp_
     build_wheel(wheels, "diffusers", "0.31.0", ("numpy>=2", "huggingface-hub>=0.23.2"))
     build_wheel(wheels, "huggingface-hub", "0.36.0")
     build_wheel(wheels, "numpy", "2.4.0")
+    offer_peft(wheels)
     before = freeze(host_venv)
     output, _ = run_install(host_venv, wheels)
     assert freeze(host_venv) == before
@@ -137,12 +152,32 @@ def test_optional_packages_only_on_request(host_venv, tmp_path) -> None:
     wheels.mkdir()
     build_wheel(wheels, "diffusers", "0.31.0")
     build_wheel(wheels, "bitsandbytes", "0.45.0", ("torch",))
+    build_wheel(wheels, "peft", "0.13.2", ("torch>=1.13.0", "accelerate>=0.21.0"))
     before = freeze(host_venv)
     run_install(host_venv, wheels)
-    assert freeze(host_venv) - before == {"diffusers==0.31.0"}
+    assert freeze(host_venv) - before == {"diffusers==0.31.0", "peft==0.13.2"}
     run_install(host_venv, wheels, {"DREAMBOOTH_INSTALL_OPTIONAL": "bitsandbytes"})
-    assert freeze(host_venv) - before == {"diffusers==0.31.0", "bitsandbytes==0.45.0"}
-    uninstall(host_venv, "diffusers", "bitsandbytes")
+    assert freeze(host_venv) - before == {"diffusers==0.31.0", "peft==0.13.2", "bitsandbytes==0.45.0"}
+    uninstall(host_venv, "diffusers", "peft", "bitsandbytes")
+
+
+def test_an_installed_peft_is_kept_and_one_that_cannot_import_is_reported(host_venv, tmp_path) -> None:
+    """The web UI may install peft itself (Forge pins 0.13.2): it is never reinstalled, not even when it cannot
+    import (then the tab says why)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels, "diffusers", "0.31.0")
+    offer_peft(wheels)
+    before = freeze(host_venv)
+    for installed, said in (("0.14.0", "peft 0.14.0 cannot import beside transformers 4.30.2"), ("0.13.2", None)):
+        subprocess.run([str(host_venv), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+                        "--no-deps", "--find-links", str(wheels), f"peft=={installed}"], check=True)
+        output, _ = run_install(host_venv, wheels)
+        assert freeze(host_venv) - before == {"diffusers==0.31.0", f"peft=={installed}"}
+        assert "installing diffusers==0.31.0 (" in output and "installing diffusers==0.31.0," not in output
+        assert (said in output) if said else ("peft" not in output), output
+        uninstall(host_venv, "diffusers")
+    uninstall(host_venv, "peft")
 
 
 def test_in_this_profile_nothing_is_installed_and_pip_is_not_called(tmp_path) -> None:
@@ -156,6 +191,39 @@ def test_in_this_profile_nothing_is_installed_and_pip_is_not_called(tmp_path) ->
                             text=True)
     assert result.returncode == 0 and "installing" not in result.stdout, result.stdout
     assert not (tmp_path / "pip-was-called").exists()
+
+
+def test_the_peft_rule_follows_transformers_and_accelerate() -> None:
+    from dreambooth.host.dependencies import peft_conflict, peft_requirement
+
+    a1111, forge = HOST_PINS, FORGE_PINS
+    assert peft_requirement(a1111["transformers"], a1111["accelerate"]) == "peft>=0.10,<0.14"
+    assert peft_requirement(forge["transformers"], forge["accelerate"]) == "peft>=0.10,<0.15"
+    assert peft_requirement("5.24.0", "1.16.0") == "peft>=0.18,<0.22"
+    assert peft_requirement(None, None) == "peft>=0.10,<0.14"
+    # what imports is kept; only a known failure is a conflict (0.14: transformers 4.43, 0.15: accelerate 0.32)
+    assert peft_conflict("0.13.2", a1111["transformers"], a1111["accelerate"]) is None
+    assert peft_conflict("0.13.2", forge["transformers"], forge["accelerate"]) is None
+    assert peft_conflict("0.14.0", forge["transformers"], forge["accelerate"]) is None
+    assert "transformers.EncoderDecoderCache" in peft_conflict("0.14.0", "4.42.4", "0.31.0")
+    assert "clear_device_cache" in peft_conflict("0.15.2", forge["transformers"], forge["accelerate"])
+    assert peft_conflict("0.17.1", "4.46.1", "0.32.0") is None
+    assert "0.18 or newer" in peft_conflict("0.13.2", "5.24.0", "1.16.0")
+    assert peft_conflict("0.21.2", "5.24.0", "1.16.0") is None and peft_conflict("0.23.0", "5.24.0", "1.16.0") is None
+
+
+@pytest.mark.parametrize("peft", [None, "0.13.2", "0.15.2"])
+def test_on_forge_its_own_peft_counts_and_nothing_is_reinstalled(monkeypatch, peft) -> None:
+    from dreambooth.host import dependencies
+
+    pins = {**FORGE_PINS, "peft": peft}
+    monkeypatch.setattr(dependencies, "installed_version", lambda name: pins.get(name))
+    missing = {item.name: item for item in dependencies.missing_requirements()}
+    assert set(missing) == ({"peft"} if peft != "0.13.2" else set())
+    if peft is None:
+        assert missing["peft"].requirement == "peft>=0.10,<0.15" and missing["peft"].installable
+    elif peft == "0.15.2":
+        assert not missing["peft"].installable and "accelerate 0.31.0" in missing["peft"].reason
 
 
 def test_the_diffusers_rule_follows_transformers() -> None:

@@ -63,19 +63,63 @@ def diffusers_requirement(transformers_version: str | None) -> str:
     return "diffusers"
 
 
+PEFT_CEILINGS = (((0, 14), "transformers", (4, 43), "transformers.EncoderDecoderCache"),
+                 ((0, 15), "accelerate", (0, 32), "accelerate.utils.memory.clear_device_cache"))
+"""``(first peft, package, first version of it, name)``: peft from *first peft* on imports *name* at its top level,
+which *package* has from *first version* on (checked in the wheels: EncoderDecoderCache came with transformers
+4.43, clear_device_cache with accelerate 0.32). Below that version every such peft fails to import."""
+
+PEFT_TRANSFORMERS_4 = ((0, 10), (0, 15))
+"""The peft range for transformers 4 where no ceiling applies: 0.14.0 is the newest verified there (Forge's
+transformers 4.46.1 and accelerate 0.31.0, which stop 0.15 on); 0.10 is the oldest verified with DoRA on Conv2d."""
+
+PEFT_TRANSFORMERS_5 = ((0, 18), (0, 22))
+"""transformers 5 and diffusers 0.42: peft 0.17 imports ``transformers.HybridCache`` (gone in 5), diffusers 0.42
+imports ``peft.helpers.disable_input_dtype_casting`` (0.18 on); 0.21.2 is the newest verified."""
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
 def peft_requirement(transformers_version: str | None, accelerate_version: str | None) -> str:
-    """The peft that imports beside the installed transformers and accelerate: peft 0.14 imports
-    ``transformers.Cache`` (4.36+), 0.15 on ``accelerate.utils.memory.clear_device_cache`` (accelerate 1.1+), and
-    transformers 5 needs 0.18 or newer."""
-    transformers = version_tuple(transformers_version or "0")
-    accelerate = version_tuple(accelerate_version or "0")
-    if transformers >= (5,) and accelerate >= (1, 1):
-        return "peft>=0.18,<0.22"
-    return "peft>=0.10,<0.14"
+    """The peft pip may install beside the installed transformers and accelerate: ``peft>=0.10,<0.14`` for the
+    A1111 1.10 pins (transformers 4.30.2, accelerate 0.21.0), ``peft>=0.10,<0.15`` for Forge's (4.46.1, 0.31.0),
+    ``peft>=0.18,<0.22`` for transformers 5."""
+    installed = {"transformers": version_tuple(transformers_version or "0"),
+                 "accelerate": version_tuple(accelerate_version or "0")}
+    if installed["transformers"] >= (5,):
+        low, high = PEFT_TRANSFORMERS_5
+    else:
+        low, high = PEFT_TRANSFORMERS_4
+        for first, package, needed, _ in PEFT_CEILINGS:
+            if installed[package] < needed:
+                high = min(high, first)
+    return f"peft>={_dotted(low)},<{_dotted(high)}"
+
+
+def peft_conflict(peft_version: str, transformers_version: str | None, accelerate_version: str | None) -> str | None:
+    """Why the installed peft cannot import here, or None. Only a known failure counts: a peft outside the range
+    that :func:`peft_requirement` would install, but not known to fail (say, one newer than any verified), is kept;
+    the web UI may have installed it itself (Forge pins peft 0.13.2), and it is never reinstalled."""
+    peft = version_tuple(peft_version)
+    installed = {"transformers": (transformers_version, version_tuple(transformers_version or "0")),
+                 "accelerate": (accelerate_version, version_tuple(accelerate_version or "0"))}
+    low = PEFT_TRANSFORMERS_5[0]
+    if installed["transformers"][1] >= (5,) and peft < low:
+        return (f"peft {peft_version} cannot run beside transformers {transformers_version} and its diffusers "
+                f"(it needs peft {_dotted(low)} or newer)")
+    for first, package, needed, name in PEFT_CEILINGS:
+        version, parsed = installed[package]
+        if peft >= first and parsed < needed:
+            return (f"peft {peft_version} cannot import beside {package} {version or '(absent)'}: from "
+                    f"{_dotted(first)} on it imports {name}, which needs {package} {_dotted(needed)} or newer")
+    return None
 
 
 def missing_requirements() -> list[Missing]:
-    """Everything needed that is absent (or, for diffusers, of a version that cannot import here)."""
+    """Everything needed that is absent (or, for diffusers and peft, of a version that cannot import here). An
+    installed diffusers or peft is never offered for reinstalling: the web UI may own it."""
     missing = [Missing(name, name, "not installed; the web UI normally brings it", False)
                for name in FROM_THE_HOST if installed_version(name) is None]
     transformers = installed_version("transformers")
@@ -86,13 +130,12 @@ def missing_requirements() -> list[Missing]:
     elif wanted.endswith("0.31.0") and version_tuple(diffusers) >= (0, 32):
         missing.append(Missing("diffusers", wanted, f"diffusers {diffusers} cannot import beside transformers "
                                f"{transformers} (it needs 4.37 or newer)", False))
-    peft = installed_version("peft")
-    wanted_peft = peft_requirement(transformers, installed_version("accelerate"))
+    peft, accelerate = installed_version("peft"), installed_version("accelerate")
+    wanted_peft = peft_requirement(transformers, accelerate)
     if peft is None:
         missing.append(Missing("peft", wanted_peft, "not installed (LoRA training needs it)", True))
-    elif wanted_peft.endswith("<0.14") and version_tuple(peft) >= (0, 14):
-        missing.append(Missing("peft", wanted_peft, f"peft {peft} cannot import beside transformers {transformers} "
-                               "and this accelerate (it needs newer ones)", False))
+    elif (conflict := peft_conflict(peft, transformers, accelerate)) is not None:
+        missing.append(Missing("peft", wanted_peft, conflict, False))
     return missing
 
 
