@@ -15,11 +15,12 @@ from tiny_model import build_tiny_components
 from dreambooth.config import ConfigError
 from dreambooth.engine import run
 from dreambooth.events import CANCEL_FILE, Events
+from dreambooth.models.adapters import UNET_LAYERS, adapter_layers, lora_layers
 from dreambooth.models.families import family_of
 from dreambooth.models.lora_file import layers_of, lora_name, lora_tensors, part_modules, read_lora
 from dreambooth.models.read import read_tensors
 from dreambooth.models.tokenizer import load_clip_tokenizer
-from dreambooth.train.trained import UNET_LAYERS, LoraAdapters, adapter_layers, lora_layers
+from dreambooth.train.trained import LoraAdapters
 
 KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 

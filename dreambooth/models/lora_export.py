@@ -11,6 +11,7 @@ from .. import __version__
 from ..config import TrainConfig
 from ..events import Events
 from ..fileio import write_atomic
+from .adapters import adapter_layers
 from .export import SAVE_DTYPES
 from .load import LoadedModel
 from .lora_file import layers_of, lora_metadata, lora_tensors
@@ -22,8 +23,6 @@ STARTED_AT = _dt.datetime.now().timestamp()
 def save_lora(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:
     """Write the LoRA of ``step`` and report it as ``checkpoint_saved`` (kind 'lora')."""
     from safetensors.torch import save_file
-
-    from ..train.trained import adapter_layers
 
     family, prediction = loaded.family, loaded.components.prediction_type
     path = output_dir / f"{config.model_name}_{step}.safetensors"

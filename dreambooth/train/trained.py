@@ -14,22 +14,16 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..models.adapters import (  # noqa: F401 -- trained.UNET_LAYERS etc. stay importable
+    ADAPTER,
+    TEXT_ENCODER_LAYERS,
+    UNET_LAYERS,
+    adapter_layers,
+    lora_layers,
+    targeted,
+    width_of,
+)
 from ..models.components import Components
-
-ADAPTER = "default"
-"""The name peft gives the one adapter a run trains."""
-
-UNET_LAYERS: Mapping[str, tuple[str, ...]] = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
-    "attention_ff_conv": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                          "conv1", "conv2", "conv_shortcut", "conv"),
-}
-"""``lora_layers`` → the UNet modules (by the last parts of their names) that get adapters."""
-
-TEXT_ENCODER_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-"""A text encoder's adapters: every projection of its attention and MLP (all four attention projections, which
-the web UI needs to patch OpenCLIP's fused attention)."""
 
 
 class FullWeights:
@@ -109,7 +103,7 @@ class LoraAdapters(FullWeights):
 
     def _check_rank(self, model: torch.nn.Module, layers: tuple[str, ...], what: str) -> None:
         narrowest = min(((width_of(m), n) for n, m in model.named_modules()
-                         if _targeted(n, layers) and hasattr(m, "weight")), default=None)
+                         if targeted(n, layers) and hasattr(m, "weight")), default=None)
         if narrowest is None:
             raise ConfigError(f"{what} has none of the layers 'lora_layers' = {self.unet_layers!r} names.",
                               "Pick another 'lora_layers'.")
@@ -154,19 +148,6 @@ def trained_weights(config: TrainConfig) -> FullWeights:
     return FullWeights()
 
 
-def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-    """``(module name, peft LoRA layer)`` of every adapted layer of ``model``."""
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
-            yield name, module
-
-
-def width_of(module: torch.nn.Module) -> int:
-    """The largest rank an adapter of this Linear or Conv2d can have: min(inputs × kernel, outputs)."""
-    weight = module.weight
-    return min(weight.shape[0], weight[0].numel())
-
-
 def _read_text_layers(model: torch.nn.Module, first_unread: int | None) -> tuple[str, ...]:
     """:data:`TEXT_ENCODER_LAYERS` of a text encoder, by full module name, short of the layers from
     ``first_unread`` on (None: all are read)."""
@@ -175,24 +156,6 @@ def _read_text_layers(model: torch.nn.Module, first_unread: int | None) -> tuple
     names = []
     for name, _ in model.named_modules():
         layer = re.search(r"encoder\.layers\.(\d+)\.", name)
-        if _targeted(name, TEXT_ENCODER_LAYERS) and not (layer and int(layer[1]) >= first_unread):
+        if targeted(name, TEXT_ENCODER_LAYERS) and not (layer and int(layer[1]) >= first_unread):
             names.append(name)
     return tuple(names)
-
-
-def _targeted(name: str, layers: tuple[str, ...]) -> bool:
-    return any(name == layer or name.endswith("." + layer) for layer in layers)
-
-
-def adapter_layers(components: Components) -> dict[str, dict]:
-    """``{part: {module path: LoraLayer}}`` of every adapter on the UNet and the text encoders, as trained."""
-    from ..models.lora_file import LoraLayer, part_modules
-
-    found: dict[str, dict] = {}
-    for part, model in part_modules(components):
-        layers = {name: LoraLayer(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
-                                  float(layer.lora_alpha[ADAPTER]))
-                  for name, layer in lora_layers(model)}
-        if layers:
-            found[part] = layers
-    return found
