@@ -220,3 +220,17 @@ def test_sd2_and_sdxl_lora_runs_name_their_family_for_the_web_uis_lora_tab(famil
     still = sorted(s for s, layer in layers.items() if not layer.up.abs().max() > 0)
     assert not still, still
     assert header["ss_v_parameterization"] == str(family == "sd2")  # the tiny SD 2.x predicts v
+
+
+@pytest.mark.parametrize("path", [{"weights_dtype": "bf16"}, {"weights_dtype": "bf16", "optimizer": "adamw_8bit"},
+                                  {"optimizer_in_backward": True}, {"gradient_checkpointing": True}])
+def test_the_fast_paths_train_the_adapters(path, make_config, tmp_path):
+    seen: list[dict] = []
+    result = run(_lora_config(make_config, max_steps=2, prior_preservation=False, **path), tmp_path / "zwx",
+                 Events(on_event=seen.append))
+    started = next(e for e in seen if e["event"] == "started")
+    if path.get("weights_dtype") == "bf16" or path.get("optimizer_in_backward"):
+        assert started["optimizer"].startswith("FlatAdamW"), started["optimizer"]  # the flat path, adapters only
+    layers, _ = read_lora(result.checkpoints[-1])
+    assert all(layer.up.abs().max() > 0 for layer in layers.values())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
