@@ -26,7 +26,7 @@ KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lor
 
 
 def _lora_config(make_config, **options):
-    return make_config(method="lora", lora_rank=4, lora_alpha=2.0, learning_rate=1e-2, **options)
+    return make_config(**{"method": "lora", "lora_rank": 4, "lora_alpha": 2.0, "learning_rate": 1e-2, **options})
 
 
 def test_a_lora_run_writes_the_web_uis_layout_and_trains_only_the_adapters(make_config, tiny, tmp_path):
@@ -234,3 +234,16 @@ def test_the_fast_paths_train_the_adapters(path, make_config, tmp_path):
     layers, _ = read_lora(result.checkpoints[-1])
     assert all(layer.up.abs().max() > 0 for layer in layers.values())
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_previews_are_rendered_with_the_lora_applied(make_config, tmp_path):
+    def preview(learning_rate: float) -> bytes:
+        seen: list[dict] = []
+        config = _lora_config(make_config, max_steps=2, prior_preservation=False, sample_every=2, sample_steps=2,
+                              learning_rate=learning_rate, concept={"sample_prompts": ["photo of zwx disc"]})
+        run(config, tmp_path / str(learning_rate) / "zwx", Events(on_event=seen.append))
+        paths = [p for e in seen if e["event"] == "sample" for p in e["paths"]]
+        assert len(paths) == 1
+        return open(paths[0], "rb").read()
+
+    assert preview(5e-2) != preview(0.0)  # at rate 0 the adapters add nothing: the base model's picture
