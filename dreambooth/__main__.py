@@ -1,4 +1,4 @@
-"""Command line: ``python -m dreambooth {train,new,convert,options,demo,ui}``."""
+"""Command line: ``python -m dreambooth {train,new,convert,lora,options,demo,yaml,ui}``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,29 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("convert", help="single file -> diffusers folder, or diffusers folder -> single file")
     p.add_argument("source", type=Path)
     p.add_argument("destination", type=Path, help="a folder, or a file ending in .safetensors/.ckpt")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--tokenizer-dir", default="")
+    p.add_argument("--config-dir", default="", help="diffusers config folder for single files of an unusual shape")
+
+    p = commands.add_parser("lora", help="merge a LoRA into a checkpoint, or extract one from a fine-tune")
+    lora = p.add_subparsers(dest="lora_command", required=True)
+    p = lora.add_parser("merge", help="write BASE with LORA baked in as a new checkpoint")
+    p.add_argument("base", type=Path, help="the checkpoint (.safetensors/.ckpt) or diffusers folder to merge into")
+    p.add_argument("lora", type=Path, help="a LoRA file in kohya's layout (lora_unet_.../lora_te...)")
+    p.add_argument("out", type=Path, help="the new checkpoint, ending in .safetensors or .ckpt")
+    p.add_argument("--strength", type=float, default=1.0, help="how much of the LoRA to add (1.0: as trained)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--tokenizer-dir", default="")
+    p.add_argument("--config-dir", default="", help="diffusers config folder for single files of an unusual shape")
+    p = lora.add_parser("extract", help="write the difference between TUNED and its source BASE as a LoRA")
+    p.add_argument("base", type=Path, help="the model the fine-tune was trained from")
+    p.add_argument("tuned", type=Path, help="the fully fine-tuned model")
+    p.add_argument("out", type=Path, help="the new LoRA file, ending in .safetensors")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--alpha", type=float, default=None, help="the LoRA's alpha (default: the rank)")
+    p.add_argument("--layers", choices=("attention", "attention_ff", "attention_ff_conv"), default="attention",
+                   help="which UNet layers the LoRA holds, as the 'lora_layers' option names them")
+    p.add_argument("--text-encoder", action="store_true", help="also the text encoders' attention and MLP layers")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--tokenizer-dir", default="")
     p.add_argument("--config-dir", default="", help="diffusers config folder for single files of an unusual shape")
@@ -156,6 +179,21 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(args: argparse.Namespace) -> int:
+    from .models.lora_tools import extract_lora, merge_lora
+
+    if args.lora_command == "merge":
+        merged = merge_lora(args.base, args.lora, args.out, args.strength, args.dtype, args.tokenizer_dir,
+                            args.config_dir)
+        if merged.note:
+            print(f"warning: {merged.note}", file=sys.stderr)
+        print(merged.path)
+        return 0
+    print(extract_lora(args.base, args.tuned, args.out, args.rank, args.alpha, args.layers, args.text_encoder,
+                       args.dtype, args.tokenizer_dir, args.config_dir))
+    return 0
+
+
 def _options(args: argparse.Namespace) -> int:
     from .docs import options_reference
 
@@ -213,8 +251,8 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "new": _new, "convert": _convert, "options": _options, "demo": _demo, "yaml": _yaml,
-            "ui": _ui}
+COMMANDS = {"train": _train, "new": _new, "convert": _convert, "lora": _lora, "options": _options, "demo": _demo,
+            "yaml": _yaml, "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())
