@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..fileio import write_atomic
-from .load import read_config_folder
+from .config_folder import read_config_folder
 from .tokenizer import TOKENIZER_FILES, find_tokenizer_dir
 
 TEXT_ENCODER_NAMESPACE = "dreambooth-local"

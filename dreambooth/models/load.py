@@ -27,6 +27,7 @@ import torch
 from ..errors import ModelFormatError
 from ..fileio import write_atomic
 from .components import Components
+from .config_folder import read_config_folder, write_config_folder  # noqa: F401 -- load.read_config_folder stays
 from .export import CONFIG_METADATA_KEY
 from .families import ModelFamily, family_named, identify_folder, identify_single_file
 from .families.base import COMMON_CONFIG_FILES, CONFIGS_DIR
@@ -408,33 +409,6 @@ def header_metadata(path: Path) -> dict:
     except (OSError, ValueError, AttributeError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
-
-
-def read_config_folder(folder: Path, family: ModelFamily | None = None) -> dict[str, dict]:
-    """The JSON of a diffusers config folder's files (the family's ``config_files``; without a family, those of
-    SD 1.x plus ``text_encoder_2/`` when the folder has one). A file it lacks is taken from the family's stock folder
-    (diffusers folders often have no ``model_index.json``)."""
-    names = family.config_files if family is not None else CONFIG_FILES + tuple(
-        n for n in ("text_encoder_2/config.json",) if (folder / n).is_file()
-    )
-    fallback = family.stock_config_folder() if family is not None else CONFIGS_DIR / "sd1"
-    configs = {}
-    for name in names:
-        file = folder / name
-        if not file.is_file():
-            file = fallback / name
-        configs[name] = json.loads(file.read_text(encoding="utf-8"))
-    return configs
-
-
-def write_config_folder(configs: Mapping[str, dict], folder: Path) -> Path:
-    """Write ``configs`` (file name → JSON) as a diffusers config folder; ``model_index.json`` last."""
-    for name in sorted(configs, key=lambda n: n == "model_index.json"):
-        file = folder / name
-        file.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(configs[name], indent=2, sort_keys=True)
-        write_atomic(file, lambda p, text=text: p.write_text(text, encoding="utf-8"))
-    return folder
 
 
 def is_stock_config(configs: Mapping[str, dict], family: ModelFamily | str) -> bool:
