@@ -213,7 +213,7 @@ def extract_lora(base: Path, tuned: Path, out: Path, rank: int, alpha: float | N
                  tokenizer_dir: str = "", config_dir: str = "") -> Path:
     """Write ``out``: a LoRA of ``rank`` whose layers approximate ``tuned`` − ``base`` on the UNet's ``layers``
     (``train.trained.UNET_LAYERS``) and, with ``text_encoder``, every text encoder's attention and MLP."""
-    from ..train.trained import UNET_LAYERS
+    from .adapters import UNET_LAYERS
 
     base, tuned, out = Path(base), Path(tuned), Path(out)
     _check_new_output(out, (".safetensors",))
@@ -246,7 +246,7 @@ def paired_targets(base: LoadedModel, tuned: LoadedModel, layers: str, text_enco
                    ) -> dict[str, tuple[Target, Target]]:
     """Each targeted layer's module in the base and in the tuned model, by key stem; a ``ModelFormatError`` when the
     two are not the same model family and shape."""
-    from ..train.trained import TEXT_ENCODER_LAYERS, UNET_LAYERS
+    from .adapters import TEXT_ENCODER_LAYERS, UNET_LAYERS, targeted
 
     if base.family is not tuned.family:
         raise ModelFormatError(
@@ -264,16 +264,11 @@ def paired_targets(base: LoadedModel, tuned: LoadedModel, layers: str, text_enco
             f"The tuned model is not the same shape as the base ({len(misfits)} layers differ: {_first(misfits)}).",
             "Give the fine-tuned model and the very model it was trained from; nothing was written.")
     return {stem: (target, after[stem]) for stem, target in before.items()
-            if target.part in wanted and _named(target.path, wanted[target.part])}
-
-
-def _named(path: str, layers: tuple[str, ...]) -> bool:
-    """Whether a module path ends in one of ``layers`` (as peft's ``target_modules`` match)."""
-    return any(path == layer or path.endswith("." + layer) for layer in layers)
+            if target.part in wanted and targeted(target.path, wanted[target.part])}
 
 
 def _check_rank(pairs: Mapping[str, tuple[Target, Target]], rank: int) -> None:
-    from ..train.trained import width_of
+    from .adapters import width_of
 
     if not pairs:
         raise ConfigError("The model has none of the layers asked for.", "Pick other --layers.")
