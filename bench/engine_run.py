@@ -3,7 +3,8 @@
 Usage (the bench builds the command): python bench/engine_run.py TIMING.json WARMUP TIMED CONFIG.json
 
 The clock wraps ``dreambooth.train.loop.add_noise`` (called once per micro-batch, outside any compiled
-region); the save is timed around ``dreambooth.engine._save``. Each mode is a set of TrainConfig values;
+region); the save is timed around ``dreambooth.engine._save`` (a LoRA run's around
+``dreambooth.models.lora_export.save_lora``). Each mode is a set of TrainConfig values;
 values the current TrainConfig does not declare are dropped and listed in the timing file, so the bench runs
 against any version of the engine and says what it could not switch on.
 """
@@ -155,6 +156,17 @@ def main() -> None:
         return result
 
     engine._save = timed_save
+    from dreambooth.models import lora_export
+
+    save_lora = lora_export.save_lora
+
+    def timed_save_lora(*args, **kwargs):  # method="lora": the engine looks the writer up at run time
+        clock.mark("save_start")
+        result = save_lora(*args, **kwargs)
+        clock.mark("save_end")
+        return result
+
+    lora_export.save_lora = timed_save_lora
     from dreambooth.__main__ import main as cli
 
     try:

@@ -2,8 +2,10 @@
 
 ``StepClock.at_step(i)`` is called at the start of step ``i`` (0-based, before its forward pass): step 1 marks
 the end of the first step (time to first step), steps ``warmup`` and ``warmup + timed`` bound the timed window.
-Only those three calls synchronise; the others cost a counter increment. Times are ``time.time()`` so the
-orchestrator can subtract its own launch time.
+Only those three calls synchronise; the others cost a counter increment. ``peak_bytes`` is the whole process's
+peak ``torch.cuda.max_memory_allocated``; ``peak_before_steps_bytes`` the part before step 0 (loading, caching,
+recording, compiling) and ``peak_steps_bytes`` the steps' own (the peak statistics are reset at step 0). Times
+are ``time.time()`` so the orchestrator can subtract its own launch time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class StepClock:
         """Call at the start of every training step."""
         i = self.index
         self.index += 1
+        if i == 0 and torch.cuda.is_available():  # what loading and caching took, then the steps' own peak
+            self.marks["peak_before_steps_bytes"] = float(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         if i == 1:
             self._mark("first_step_done")
         if i == self.warmup:
@@ -51,7 +56,9 @@ class StepClock:
         if i == self.warmup + self.timed:
             self._mark("timed_end")
             if torch.cuda.is_available():
-                self.marks["peak_bytes"] = float(torch.cuda.max_memory_allocated())
+                self.marks["peak_steps_bytes"] = float(torch.cuda.max_memory_allocated())
+                self.marks["peak_bytes"] = max(self.marks["peak_steps_bytes"],
+                                               self.marks.get("peak_before_steps_bytes", 0.0))
 
     def mark(self, name: str, value: float | None = None) -> None:
         """Record another point (synchronised) or a value."""
