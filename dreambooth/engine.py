@@ -115,15 +115,16 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
             events.emit("warning", message=f"train_text_encoder_2 is on, but a {loaded.family.label} model has one "
                         "text encoder; it is ignored.")
         trained_weights(config).check(components, trained_text_encoders(config, components))
-        for module in components.models.values():
-            module.to(device)
+        for name, module in components.models.items():
+            if name != "unet":  # the UNet goes in its training precision below (or in fp32 for class images)
+                module.to(device)
 
         classes = _class_examples(config, loaded, model_dir, device, events, cancel_requested, min_side)
         if cancel_requested():
             raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
 
+        components.unet.to(device, weights_dtype)  # never all of it in fp32 on the GPU when it trains in bf16
         apply_attention(components.unet, config.attention)
-        components.unet.to(weights_dtype)
         if config.gradient_checkpointing:
             enable_checkpointing(components.unet)
             for name in trained_text_encoders(config, components):
@@ -328,7 +329,7 @@ def _class_examples(
         if missing > 0:
             events.emit("status", message=f"Generating {missing} class images for concepts[{i}]")
             paths += generate_class_images(
-                lambda: inference_pipeline(loaded.family, loaded.components),
+                lambda: inference_pipeline(loaded.family, _unet_on(loaded.components, device)),
                 concept,
                 folder,
                 missing,
@@ -359,6 +360,12 @@ def _lora_writer() -> Callable[..., Path]:
     from .models.lora_export import save_lora
 
     return save_lora
+
+
+def _unet_on(components, device: torch.device):
+    """``components`` with the UNet moved to ``device`` as it is (fp32: the class-image pipeline runs no autocast)."""
+    components.unet.to(device)
+    return components
 
 
 def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:
