@@ -25,7 +25,7 @@ import pytest
 
 from dreambooth.demo.run import run_demo
 
-pytestmark = pytest.mark.slow  # the reduced demo: two trainings of 800 steps and 96 sample batches
+pytestmark = pytest.mark.slow  # the reduced demo: three trainings of 800 steps and 13 sample batches
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,21 @@ def test_without_prior_preservation_the_subject_leaks_into_the_class(report):
     assert _stars(report, "no prior") > _stars(report, "prior")
 
 
-def test_demo_writes_checkpoints_a_grid_and_loss_curves(report):
+def test_a_lora_with_prior_preservation_teaches_the_subject_and_keeps_the_class(report):
+    lora = report.row("lora prior")
+    assert lora.fidelity >= 10 / 16  # the full fine-tune's bounds
+    assert lora.leakage <= 2 / 16
+    assert report.row("no prior").leakage >= lora.leakage + 8 / 16
+
+
+def test_demo_writes_checkpoints_a_lora_a_grid_and_loss_curves(report):
+    from dreambooth.models.lora_file import read_lora
+
     assert report.grid.is_file()
-    assert set(report.checkpoints) == {"prior", "no prior"}
+    assert set(report.checkpoints) == {"prior", "no prior", "lora prior"}
     assert all(path.is_file() for path in report.checkpoints.values())
+    layers, _header = read_lora(report.checkpoints["lora prior"])
+    assert {layer.rank for layer in layers.values()} == {report.settings.lora_rank}
+    assert any(stem.startswith("lora_te_") for stem in layers)  # the text encoder trains, as in the full runs
     assert all(len(report.losses[name]) == report.settings.steps for name in ("prior", "no prior"))
+    assert len(report.losses["lora prior"]) == report.settings.lora_steps

@@ -51,18 +51,22 @@ def test_the_demo_output_folder_is_ignored_by_git():
 
 
 def test_a_miniature_demo_reports_each_phase_while_it_runs(tmp_path, tokenizer_dir):
-    """The whole demo at a toy size (4 steps, 2 class images, 2 samples per prompt): the events it reports."""
+    """The whole demo at a toy size (4 steps per training, 2 class images, 2 samples per prompt): the events it
+    reports."""
     seen: list[dict] = []
-    tiny = {"steps": 4, "num_class_images": 2, "class_steps": 2, "samples": 2, "sample_steps": 2}
+    tiny = {"steps": 4, "lora_steps": 4, "num_class_images": 2, "class_steps": 2, "samples": 2, "sample_steps": 2}
     report = run_demo(tmp_path, seed=0, overrides=tiny, tokenizer_dir=str(tokenizer_dir), progress=seen.append)
     phases = [e["demo_phase"] for e in seen if e["event"] == "phase"]
     assert phases == ["Training with prior preservation (class images first)",
-                      "Training without prior preservation", "Sampling and judging"]
+                      "Training without prior preservation",
+                      "Training a LoRA with prior preservation (same class images)", "Sampling and judging"]
     class_images = [e for e in seen if e["event"] == "progress" and e["phase"] == "Generating class images"]
     assert class_images and class_images[-1]["done"] == class_images[-1]["total"] == 2
     assert all(e["demo_phase"] == phases[0] for e in class_images)
     last_steps = {e["demo_phase"]: e for e in seen if e["event"] == "step"}
-    assert sorted(last_steps) == sorted(phases[:2])
+    assert sorted(last_steps) == sorted(phases[:3])
     assert all(e["step"] == e["total"] == 4 and "eta_s" in e for e in last_steps.values())
-    assert [e["done"] for e in seen if e.get("phase") == "sample batches"] == list(range(1, 11))
+    assert not [e for e in seen if e["event"] == "progress" and e["phase"] == "Generating class images"
+                and e["demo_phase"] == phases[2]]  # the LoRA run reuses the first run's class images
+    assert [e["done"] for e in seen if e.get("phase") == "sample batches"] == list(range(1, 14))
     assert seen[-1]["event"] == "demo_finished" and seen[-1]["seconds"] == round(report.seconds, 1)

@@ -233,6 +233,17 @@ def test_the_web_ui_loads_and_samples_the_demo_model_through_our_yaml(tmp_path: 
     assert "DEMO-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+@needs_a1111
+def test_the_web_uis_own_lora_code_patches_in_what_the_engine_merges(tmp_path: Path) -> None:
+    """A LoRA the engine trains (UNet and text encoder) into the web UI's Lora folder: listed after
+    ``refresh_loras``, and the built-in Lora, asked for it in a txt2img prompt, reads every layer of the file and
+    patches W + (alpha / rank) · up @ down into each, as the engine's merge has it (fp16 tolerance)."""
+    script = Path(__file__).with_name("a1111_lora_in_host.py")
+    result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
+                            check=False, capture_output=True, text=True, timeout=600)
+    assert "LORA-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 ADAPTER_MODULES = {"dreambooth.host.a1111", "dreambooth.host.webui", "dreambooth.extension"}
 
 

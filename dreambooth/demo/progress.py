@@ -1,8 +1,8 @@
 """What the demo is doing, while it does it: a bar per phase with an ETA on a terminal, JSON lines otherwise.
 
-The demo (``run.run_demo``) reports its phases -- class images, the two trainings, sampling, judging -- as events
-like the engine's, each tagged with ``demo_phase``; the engine's own events during a training are passed on with
-the same tag. :class:`DemoProgress` draws them.
+The demo (``run.run_demo``) reports its phases -- class images, the three trainings, sampling, judging -- as
+events like the engine's, each tagged with ``demo_phase``; the engine's own events during a training are passed on
+with the same tag. :class:`DemoProgress` draws them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The end-to-end demo: teach the shipped shapes model a subject it never saw, and measure what DreamBooth did.
 
 Subject: the two-tone star (:data:`shapes.SUBJECT_COLOURS`), 5 pictures, instance prompt "a zwx shape", class
-prompt "a shape" with class images drawn by the base model. The same run is trained twice through the engine
-(:func:`dreambooth.engine.run`), with and without prior preservation, and each model -- base, with prior, without
--- is sampled on the instance prompt, a new context and the class prompt. :mod:`.evaluate` scores every picture.
+prompt "a shape" with class images drawn by the base model. The same run is trained three times through the
+engine (:func:`dreambooth.engine.run`): a full fine-tune with and without prior preservation, and a LoRA with prior
+preservation (``method="lora"``, on the same class images; sampled as the base with the LoRA's layers added, as the
+web UI applies ``<lora:name:1>``). Each model -- base, with prior, without, LoRA -- is sampled on the instance
+prompt, a new context and the class prompt. :mod:`.evaluate` scores every picture.
 
 The table: subject fidelity (instance-prompt samples that are the subject), recontextualisation (new-context
 samples that are the subject *and* on the asked-for background), leakage (class-prompt samples that are the
@@ -38,6 +40,11 @@ INSTANCE_PROMPT = "a zwx shape"
 CLASS_PROMPT = "a shape"
 CONTEXT_PROMPT = "a zwx shape on a green background"
 CONTEXT_BACKGROUND = "green"
+TRAININGS = (("prior", True, "full"), ("no prior", False, "full"), ("lora prior", True, "lora"))
+"""The demo's training runs: (row name, prior preservation, method)."""
+PHASES = {"prior": "Training with prior preservation (class images first)",
+          "no prior": "Training without prior preservation",
+          "lora prior": "Training a LoRA with prior preservation (same class images)"}
 
 
 @dataclass
@@ -65,7 +72,7 @@ class DemoReport:
     settings: DemoSettings
 
     def row(self, model: str) -> Row:
-        """The row of ``model`` ('base', 'prior', 'no prior')."""
+        """The row of ``model`` ('base', 'prior', 'no prior', 'lora prior')."""
         return next(r for r in self.rows if r.model == model)
 
     def table(self) -> str:
@@ -84,7 +91,8 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
              config_dir: Path = DEMO_CONFIG_DIR, events: Any = None,
              overrides: dict[str, Any] | None = None, tokenizer_dir: str = "",
              progress: Callable[[dict[str, Any]], None] | None = None) -> DemoReport:
-    """Write the instance images, train with and without prior preservation, score base and both, draw a grid.
+    """Write the instance images, train with and without prior preservation and a LoRA with it, score the base
+    and the three, draw a grid.
 
     ``overrides`` replaces fields of :class:`DemoSettings` (for measuring other settings). ``progress`` gets every
     event as it happens, tagged with its phase (:class:`.progress.DemoProgress` draws them).
@@ -110,25 +118,34 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
     out_dir = Path(out_dir)
     instance_dir = write_instance_images(out_dir / "instance", seed, options.captions)
     checkpoints, losses = {}, {}
-    for name, prior in (("prior", True), ("no prior", False)):
-        begin(f"Training {'with' if prior else 'without'} prior preservation"
-              + (" (class images first)" if prior else ""))
+    class_dir = ""  # the first run's class images, which the LoRA run reuses
+    for name, prior, method in TRAININGS:
+        begin(PHASES[name])
         model_name = "shapes-zwx-" + name.replace(" ", "")
-        config = demo_config(model_name, instance_dir, checkpoint, config_dir, options, prior, seed)
+        config = demo_config(model_name, instance_dir, checkpoint, config_dir, options, prior, seed, method)
         config.tokenizer_dir = tokenizer_dir
+        if prior and class_dir:
+            config.concepts[0].class_dir = class_dir
         model_dir = out_dir / model_name
         log = events or Events(log_path=model_dir / "logs" / "events.jsonl", on_event=report)
         result = run_engine(config, model_dir, log)
         checkpoints[name] = result.checkpoints[-1]
         losses[name] = list(result.losses)
+        if prior and not class_dir:
+            class_dir = str(next((model_dir / "class_images").iterdir()))
     begin("Sampling and judging")
     rows, pictures = [], {}
     base = load_model(checkpoint, out_dir / "base" / "working", out_dir / "base" / "cache",
                       tokenizer_dir, str(config_dir)).components
     models = {"base": base}
-    for name, path in checkpoints.items():
-        models[name] = load_model(path, out_dir / "eval" / name.replace(" ", ""), out_dir / "eval" / "cache",
-                                  tokenizer_dir, str(config_dir)).components
+    for name, _prior, method in TRAININGS:
+        folder = out_dir / "eval" / name.replace(" ", "")
+        if method == "lora":
+            loaded = load_model(checkpoint, folder, out_dir / "eval" / "cache", tokenizer_dir, str(config_dir))
+            add_lora(loaded, checkpoints[name])
+        else:
+            loaded = load_model(checkpoints[name], folder, out_dir / "eval" / "cache", tokenizer_dir, str(config_dir))
+        models[name] = loaded.components
     prompts = (INSTANCE_PROMPT, CONTEXT_PROMPT, CLASS_PROMPT)
     batches = 1 + len(models) * len(prompts)
 
@@ -154,8 +171,8 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
 
 
 def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_dir: Path, options: DemoSettings,
-                prior: bool, seed: int):  # -> TrainConfig
-    """The engine's config for one demo training run."""
+                prior: bool, seed: int, method: str = "full"):  # -> TrainConfig
+    """The engine's config for one demo training run: a full fine-tune, or (``method="lora"``) a LoRA."""
     from ..config import Concept, TrainConfig
 
     instance_prompt = "[filewords]" if options.captions else INSTANCE_PROMPT
@@ -164,9 +181,21 @@ def demo_config(model_name: str, instance_dir: Path, checkpoint: Path, config_di
                       class_infer_steps=options.class_steps, class_seed=seed)
     values = dict(
         model_name=model_name, source_checkpoint=str(checkpoint), model_config_dir=str(config_dir),
-        concepts=[concept], resolution=shapes.IMAGE_SIZE, **training_values(options), prior_preservation=prior,
+        concepts=[concept], resolution=shapes.IMAGE_SIZE, **training_values(options, method), prior_preservation=prior,
         save_every=0, device=options.device, mixed_precision="no", seed=seed)
     return TrainConfig(**{**values, **options.engine_options})
+
+
+def add_lora(loaded: Any, lora: Path) -> None:
+    """Add every layer of the LoRA file ``lora`` to its weight in ``loaded`` (a :class:`LoadedModel`) at strength 1:
+    ``W + (alpha / rank) · up @ down``, the model the web UI samples with ``<lora:name:1>`` (as ``lora merge``)."""
+    from ..models.lora_file import read_lora
+    from ..models.lora_tools import matched_deltas
+
+    layers, _header = read_lora(lora)
+    with torch.no_grad():
+        for target, delta in matched_deltas(loaded, layers, lora):
+            target.weight.add_(delta.to(target.weight.dtype))
 
 
 def write_instance_images(folder: Path, seed: int, captions: bool = True) -> Path:

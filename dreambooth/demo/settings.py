@@ -29,6 +29,13 @@ class DemoSettings:
     text_encoder_lr: float = 1e-4
     prior_loss_weight: float = 0.1
     captions: bool = False  # instance captions that name the background: "a zwx shape on a white background"
+    # the LoRA run (method="lora", with prior preservation): its own steps, rates and adapters
+    lora_steps: int = 800
+    lora_learning_rate: float = 1e-3
+    lora_text_encoder_lr: float = 1e-3
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_layers: str = "attention_ff"
     device: str = "cpu"
     engine_options: dict[str, Any] = field(default_factory=dict)  # more TrainConfig values, e.g. the speed switches
 
@@ -39,9 +46,15 @@ def settings(quick: bool) -> DemoSettings:
         else DemoSettings()
 
 
-def training_values(options: DemoSettings) -> dict[str, Any]:
+def training_values(options: DemoSettings, method: str = "full") -> dict[str, Any]:
     """The :class:`~dreambooth.config.TrainConfig` values the demo trains with (steps, batch, learning rates,
-    text-encoder training, prior loss weight, constant schedule)."""
-    return dict(max_steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-                lr_scheduler="constant", train_text_encoder=options.train_text_encoder,
-                text_encoder_lr=options.text_encoder_lr, prior_loss_weight=options.prior_loss_weight)
+    text-encoder training, prior loss weight, constant schedule); ``method="lora"``: the LoRA run's, with its
+    steps, rates, rank, alpha and layers."""
+    values = dict(max_steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+                  lr_scheduler="constant", train_text_encoder=options.train_text_encoder,
+                  text_encoder_lr=options.text_encoder_lr, prior_loss_weight=options.prior_loss_weight)
+    if method == "lora":
+        values.update(method="lora", max_steps=options.lora_steps, learning_rate=options.lora_learning_rate,
+                      text_encoder_lr=options.lora_text_encoder_lr, lora_rank=options.lora_rank,
+                      lora_alpha=options.lora_alpha, lora_layers=options.lora_layers)
+    return values
