@@ -24,7 +24,7 @@ from .data.dataset import Example, class_examples, instance_examples
 from .data.images import check_images
 from .errors import Cancelled, ConfigError, DatasetError, DiskFullError, DreamBoothError, OutOfMemoryAdvice
 from .events import CANCEL_FILE, Events
-from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_checkpoint
+from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train, trained_text_encoders
@@ -372,8 +372,7 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     """Write the checkpoint of ``step``; a model of non-stock shape gets its configs in the header and, first
     (the web UI lists the checkpoint as soon as it exists), the ``.yaml`` the web UI builds it from when its family
     needs one there."""
-    from .models.export import config_metadata
-    from .models.host_yaml import write_host_yaml
+    from .models.export import config_metadata, save_checkpoint_for_hosts
 
     family, prediction = loaded.family, loaded.components.prediction_type
     path = output_dir / f"{config.model_name}_{step}.{config.save_format}"
@@ -392,21 +391,10 @@ def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int,
     }
     metadata = modelspec(family, prediction, config.resolution, f"{config.model_name} (step {step})", training)
     metadata.update(config_metadata(loaded.diffusers_config))
-    yaml_path = path.with_suffix(".yaml")
-    yaml_existed = yaml_path.exists()
-    problems = family.host_yaml_problems(loaded.diffusers_config, prediction)
-    if problems:
-        yaml_path.unlink(missing_ok=True)  # one an older version wrote would fail in the web UI
-        events.emit("warning", message=f"{path.name} gets no .yaml: the web UI cannot build this model, because "
-                    f"{'; '.join(problems)}. Diffusers and this extension load it.")
-    elif problems is not None:
-        write_host_yaml(path, loaded.diffusers_config, tokenizer_dir=config.tokenizer_dir)
-    try:
-        save_checkpoint(path, tensors, metadata)
-    except BaseException:
-        if not yaml_existed:  # no new yaml without its checkpoint
-            yaml_path.unlink(missing_ok=True)
-        raise
+    _yaml, note = save_checkpoint_for_hosts(path, tensors, metadata, family, loaded.diffusers_config, prediction,
+                                            config.tokenizer_dir)
+    if note:
+        events.emit("warning", message=note)
     events.emit("checkpoint_saved", step=step, path=str(path))
     return path
 

@@ -84,3 +84,34 @@ def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], metadata: M
     if path.suffix == ".ckpt":
         return write_atomic(path, lambda tmp: torch.save({"state_dict": dict(tensors)}, str(tmp)))
     raise ValueError(f"unknown checkpoint format: {path.suffix}")
+
+
+def save_checkpoint_for_hosts(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                              family: ModelFamily, diffusers_config: Mapping[str, Any] | None, prediction_type: str,
+                              tokenizer_dir: str = "") -> tuple[Path | None, str]:
+    """Write the checkpoint ``path`` after the ``.yaml`` the web UIs need beside it (they list the checkpoint as
+    soon as it exists): the family's stock one (SD 2.x v for Forge), or one built from a non-stock model's
+    configs; none where the web UI builds the model from its weights alone, or cannot build it at all. Returns the
+    yaml written (or None) and, in the last case, why the web UI gets none (a line for the log; '' otherwise). A
+    yaml this call wrote is removed again when the checkpoint cannot be written; a stale one is removed too."""
+    from .host_yaml import write_host_yaml
+
+    yaml_path, note = path.with_suffix(".yaml"), ""
+    yaml_existed = yaml_path.exists()
+    problems = family.host_yaml_problems(diffusers_config, prediction_type)
+    written = None
+    if problems:
+        yaml_path.unlink(missing_ok=True)  # one an older version wrote would fail in the web UI
+        note = (f"{path.name} gets no .yaml: the web UI cannot build this model, because {'; '.join(problems)}. "
+                "Diffusers and this extension load it.")
+    elif problems is not None:
+        written = write_host_yaml(path, diffusers_config, tokenizer_dir=tokenizer_dir)
+    elif (stock := family.stock_host_yaml(prediction_type)) is not None:
+        written = write_atomic(yaml_path, lambda p: p.write_text(stock, encoding="utf-8"))
+    try:
+        save_checkpoint(path, tensors, metadata)
+    except BaseException:
+        if not yaml_existed:  # no new yaml without its checkpoint
+            yaml_path.unlink(missing_ok=True)
+        raise
+    return written, note

@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, ModelFormatError
 from ..fileio import write_atomic
-from .export import SAVE_DTYPES, checkpoint_tensors, config_metadata, modelspec, save_checkpoint
+from .export import SAVE_DTYPES, checkpoint_tensors, config_metadata, modelspec, save_checkpoint_for_hosts
 from .families import ModelFamily
 from .load import LoadedModel, _load_diffusers_folder, _load_single_file
 from .lora_file import LoraLayer, lora_metadata, lora_name, lora_tensors, part_modules, read_lora
@@ -174,30 +174,13 @@ def _write_merged(loaded: LoadedModel, out: Path, dtype: str, tokenizer_dir: str
                   training: Mapping[str, object]) -> tuple[Path | None, str]:
     """Write the checkpoint, after the web UI's ``.yaml`` when its family needs one (as ``engine._save`` does);
     returns the yaml written (or None) and, when the web UI cannot build the model, why."""
-    from .host_yaml import write_host_yaml
-
     family, prediction = loaded.family, loaded.components.prediction_type
     tensors = checkpoint_tensors(loaded.components, loaded.extra_tensors, SAVE_DTYPES[dtype], family)
     metadata = modelspec(family, prediction, model_resolution(loaded), out.stem, training)
     metadata["modelspec.description"] = description
     metadata.update(config_metadata(loaded.diffusers_config))
-    yaml_path, note = out.with_suffix(".yaml"), ""
-    yaml_existed = yaml_path.exists()
-    problems = family.host_yaml_problems(loaded.diffusers_config, prediction)
-    written_yaml = None
-    if problems:
-        yaml_path.unlink(missing_ok=True)
-        note = (f"{out.name} gets no .yaml: the web UI cannot build this model, because {'; '.join(problems)}. "
-                "Diffusers and this extension load it.")
-    elif problems is not None:
-        written_yaml = write_host_yaml(out, loaded.diffusers_config, tokenizer_dir=tokenizer_dir)
-    try:
-        save_checkpoint(out, tensors, metadata)
-    except BaseException:
-        if not yaml_existed:
-            yaml_path.unlink(missing_ok=True)
-        raise
-    return written_yaml, note
+    return save_checkpoint_for_hosts(out, tensors, metadata, family, loaded.diffusers_config, prediction,
+                                     tokenizer_dir)
 
 
 def model_resolution(loaded: LoadedModel) -> int:

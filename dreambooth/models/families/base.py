@@ -138,6 +138,11 @@ class ModelFamily:
         it from a ``.yaml`` beside it (an empty list: a yaml describes it, write one)."""
         return None
 
+    def stock_host_yaml(self, prediction_type: str) -> str | None:
+        """The ``.yaml`` both web UIs need beside a file of the released shape, or None when they need none: the
+        web UI 1.10 builds from it as from its own config, and Forge reads only its prediction type from it."""
+        return None
+
     def pipeline_components(self, components: Components) -> dict[str, Any]:
         """The keyword arguments that build :attr:`pipeline_class` over these components (scheduler apart)."""
         parts = {"unet": components.unet, "vae": components.vae}

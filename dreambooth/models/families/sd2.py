@@ -18,6 +18,71 @@ V_TEST_THRESHOLD = -1.0
 """The web UI's rule (``sd_models_config.is_using_v_parameterization_for_sd2``): a UNet whose output minus its
 input, at timestep 999 on constant inputs, averages below this predicts v."""
 
+V_PREDICTION_YAML = """\
+# SD 2.x 768-v (v-prediction), as the web UI's own v2-inference-v.yaml; written by the DreamBooth extension so that
+# Forge, which reads only 'parameterization' from it, samples this checkpoint as v-prediction too.
+model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 96
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        use_checkpoint: True
+        use_fp16: True
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 4, 4 ]
+        num_head_channels: 64
+        use_spatial_transformer: True
+        use_linear_in_transformer: True
+        transformer_depth: 1
+        context_dim: 1024
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [ 1, 2, 4, 4 ]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder
+      params:
+        freeze: True
+        layer: "penultimate"
+"""
+
 
 class SD2(ModelFamily):
     """SD 2.0 / 2.1, base (512, epsilon) and 768-v."""
@@ -77,6 +142,12 @@ class SD2(ModelFamily):
         if configs is None:
             return None
         return ["the web UI builds SD 2.x only in the released shape (its v2 yamls name OpenCLIP ViT-H-14)"]
+
+    def stock_host_yaml(self, prediction_type: str) -> str | None:
+        """For 768-v, the LDM config the web UI itself picks for it (its ``v2-inference-v.yaml``): Forge tells v from
+        epsilon for SD 2.x only by the ``parameterization`` of a yaml beside the file (its guess from the weights
+        never fires on a single file's prefixed keys), and the web UI builds from this one as from its own."""
+        return V_PREDICTION_YAML if prediction_type == "v_prediction" else None
 
     def pipeline_extras(self) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -30,7 +30,7 @@ class SDXL(ModelFamily):
     text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
     pad_tokens = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
     pipeline_class = "StableDiffusionXLPipeline"
-    stock_predictions = {"epsilon": "sdxl"}
+    stock_predictions = {"epsilon": "sdxl", "v_prediction": "sdxl-v"}
     single_file_prefixes = {
         "unet": "model.diffusion_model.",
         "vae": "first_stage_model.",

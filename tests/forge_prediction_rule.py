@@ -1,5 +1,5 @@
-"""What a checkpoint must carry for the web UIs to sample it with the right prediction type, as data the engine
-can ask for (this module imports nothing of a web UI).
+"""Forge's rule for the prediction type of a single file, restated as a test oracle (checked against a Forge
+checkout by ``tests/test_prediction_markers.py`` when ``SD_WEBUI_DIR`` points at one).
 
 Read from Forge's ``backend/loader.py`` (``forge_loader``, ``split_state_dict``) and huggingface_guess at the commit
 Forge's launcher names (84826248, ``model_list.py``), and from the AUTOMATIC1111 web UI 1.10's
@@ -23,41 +23,7 @@ So: **SDXL v â†’ a ``v_pred`` tensor in the state dict (no yaml); SD 1.x/2.x v â
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 V_PREDICTION_TENSOR = "v_pred"
-"""A state-dict key whose presence makes Forge and the web UI 1.10 sample an SDXL checkpoint as v-prediction
-(any tensor; ComfyUI writes an empty one)."""
-ZERO_TERMINAL_SNR_TENSOR = "ztsnr"
-"""A state-dict key the web UI 1.10 reads as "trained with zero terminal SNR"."""
-YAML_PARAMETERIZATION = ("model", "params", "parameterization")
-"""Where Forge (and the LDM yaml) reads ``"v"`` for SD 1.x/2.x files."""
-
-
-@dataclass(frozen=True)
-class PredictionMarker:
-    """What to put into or beside a checkpoint so that Forge samples it with its prediction type."""
-
-    tensors: tuple[str, ...] = ()
-    """State-dict keys to add (an empty tensor each)."""
-    yaml_parameterization: str | None = None
-    """``"v"`` when a yaml with ``model.params.parameterization: v`` must sit beside the file, else None."""
-
-
-def forge_prediction_marker(family: str, prediction_type: str, zero_terminal_snr: bool = False) -> PredictionMarker:
-    """The marker Forge honours for a checkpoint of ``family`` (``"sd1"``, ``"sd2"``, ``"sdxl"``) trained for
-    ``prediction_type`` (``"epsilon"`` or ``"v_prediction"``); also right for the web UI 1.10 (which needs its full
-    LDM yaml besides for SD 2.x v and for any shape it cannot guess)."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unknown prediction type {prediction_type!r}")
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"unknown family {family!r}")
-    extra = (ZERO_TERMINAL_SNR_TENSOR,) if zero_terminal_snr else ()
-    if prediction_type == "epsilon":
-        return PredictionMarker(tensors=extra)
-    if family == "sdxl":
-        return PredictionMarker(tensors=(V_PREDICTION_TENSOR, *extra))
-    return PredictionMarker(tensors=extra, yaml_parameterization="v")
 
 
 def forge_reads_prediction(family: str, tensor_keys: set[str], yaml: dict | None) -> str:
