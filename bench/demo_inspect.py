@@ -38,8 +38,8 @@ def main() -> None:
     a = parser.parse_args()
     prompts = a.prompt or [demo.INSTANCE_PROMPT, demo.CONTEXT_PROMPT, demo.CLASS_PROMPT]
     work = Path(tempfile.mkdtemp(prefix="demo-inspect-"))
-    components = load_model(a.checkpoint, work / "working", work / "cache", a.tokenizer,
-                            str(demo.DEMO_CONFIG_DIR)).components
+    components = load_model(a.checkpoint, cache_dir=work / "cache", tokenizer_dir=a.tokenizer,
+                            config_dir=str(demo.DEMO_CONFIG_DIR)).components
     options = demo.settings(quick=False)
     for prompt in prompts:
         images = demo._sample(components, prompt, options, a.seed + 100_000)

@@ -394,7 +394,7 @@ def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        loaded = load_model(model_dir / "shapes-sd1.safetensors", Path(scratch) / "working", Path(scratch) / "cache",
+        loaded = load_model(model_dir / "shapes-sd1.safetensors", cache_dir=Path(scratch) / "cache",
                             tokenizer_dir=tokenizer_dir, config_dir=str(model_dir / "config"))
     c = loaded.components
     return save_run(out, c.unet, c.vae, c.text_encoder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import math
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,9 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
     autocast_dtype = None if weights_dtype == torch.bfloat16 else resolve_precision(config.mixed_precision, device)
     cancel_file = model_dir / CANCEL_FILE
     if parallel.is_main:
+        model_dir.mkdir(parents=True, exist_ok=True)  # where a cancel request is dropped, from the start
         cancel_file.unlink(missing_ok=True)
+        _remove_old_working_copy(model_dir, events)
     # before training, process 0 alone decides a cancel (the others may not have started yet)
     cancel_requested = cancel_file.exists if parallel.is_main else (lambda: False)
 
@@ -103,11 +106,10 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         events.emit("status", message=f"Loading {config.source_checkpoint}")
         loaded = load_model(
             config.source_checkpoint,
-            model_dir / "working",
-            model_dir / "cache",
-            config.tokenizer_dir,
-            config.model_config_dir,
-            config.prediction_type,
+            cache_dir=model_dir / "cache",
+            tokenizer_dir=config.tokenizer_dir,
+            config_dir=config.model_config_dir,
+            prediction_type=config.prediction_type,
         )
         components = loaded.components
         events.emit("status", message=f"{loaded.family.label} model, predicting {components.prediction_type}")
@@ -231,8 +233,20 @@ class _FrozenHelpers:
             self.park()
 
 
+def _remove_old_working_copy(model_dir: Path, events: Events) -> None:
+    """Delete the diffusers copy of the source (``working/``, stamped by its ``source.json``) that earlier versions
+    kept in each model folder: the source is read directly now, and the copy held 2-7 GB."""
+    working = model_dir / "working"
+    if not (working / "source.json").is_file():
+        return
+    size = sum(f.stat().st_size for f in working.rglob("*") if f.is_file())
+    shutil.rmtree(working, ignore_errors=True)
+    events.emit("status", message=f"Removed {working} ({size / 2**30:.1f} GB), the copy of the source that earlier "
+                "versions kept: the source checkpoint is read directly now.")
+
+
 def _main_first(parallel: Parallel, device: torch.device, prepare: Callable[[], T]) -> T:
-    """``prepare()`` in process 0 first (it writes the shared files: working copy, class images, latent cache),
+    """``prepare()`` in process 0 first (it writes the shared files: class images, latent cache),
     then in the others, which find them in place. If process 0 stops on the way (error or cancel), the others stop
     quietly with it instead of waiting for it."""
     if not parallel.active:

@@ -108,7 +108,7 @@ def check(name: str, source: Path) -> dict:
     assert Path(networks.available_networks[lora.stem].filename) == lora
 
     # the base weights as the engine reads them, by the key stem each module gets in a LoRA file
-    loaded = load_model(source, data / "working" / name, data / "cache", str(tokenizer_dir))
+    loaded = load_model(source, cache_dir=data / "cache", tokenizer_dir=str(tokenizer_dir))
     components = loaded.components
     family = family_of(components)
     base = {lora_name(family, part, module, components.unet.config): layer.weight.detach().float()

@@ -119,7 +119,7 @@ def test_a_lora_picked_as_the_source_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(ModelFormatError, match="is a LoRA"):
         run(make_config(source_checkpoint=str(lora), model_config_dir=""), model_dir, events)
     assert "LoRA" in _error_event(events)["message"]
-    assert _nothing_written(model_dir) and not (model_dir / "working").exists()
+    assert _nothing_written(model_dir)
 
 
 def test_old_ckpt_with_pickled_lightning_callbacks_is_read_without_running_code(tmp_path, tiny, monkeypatch):
@@ -171,7 +171,7 @@ def test_a_broken_photo_stops_the_run_before_anything_is_loaded(make_config, mod
     with pytest.raises(DatasetError) as error:
         run(make_config(), model_dir, events)
     assert "zwx_broken.jpg" in str(error.value)
-    assert not (model_dir / "working").exists()
+    assert not (model_dir / "cache").exists()  # the model was never loaded (its tokenizer is rebuilt there first)
 
 
 def test_class_folder_equal_to_instance_folder_is_an_error(make_config, model_dir, events, instance_dir):

@@ -18,7 +18,7 @@ from dreambooth.models.read import read_keys
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo-model")
-    return load_model(DEMO_CHECKPOINT, folder / "working", folder / "cache", config_dir=str(DEMO_CONFIG_DIR))
+    return load_model(DEMO_CHECKPOINT, cache_dir=folder / "cache", config_dir=str(DEMO_CONFIG_DIR))
 
 
 def test_model_fits_the_repository_budget():

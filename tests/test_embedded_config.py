@@ -73,8 +73,9 @@ def test_the_shipped_demo_file_carries_its_config_folder():
 
 
 def test_the_demo_model_loads_without_a_config_folder_and_draws_the_same_picture(tmp_path, tokenizer_dir):
-    folder = load_model(DEMO_CHECKPOINT, tmp_path / "w1", tmp_path / "c1", str(tokenizer_dir), str(DEMO_CONFIG_DIR))
-    alone = load_model(DEMO_CHECKPOINT, tmp_path / "w2", tmp_path / "c2", str(tokenizer_dir), config_dir="")
+    folder = load_model(DEMO_CHECKPOINT, cache_dir=tmp_path / "c1", tokenizer_dir=str(tokenizer_dir),
+                        config_dir=str(DEMO_CONFIG_DIR))
+    alone = load_model(DEMO_CHECKPOINT, cache_dir=tmp_path / "c2", tokenizer_dir=str(tokenizer_dir))
     assert alone.diffusers_config == folder.diffusers_config == read_config_folder(DEMO_CONFIG_DIR)
     assert alone.components.unet.config.block_out_channels == folder.components.unet.config.block_out_channels
     pictures = []
@@ -85,8 +86,6 @@ def test_the_demo_model_loads_without_a_config_folder_and_draws_the_same_picture
                 sample_images(c.unet, c.vae, c.text_encoder, c.tokenizer, ["a red circle"] * 2, seed=0, steps=4)
             )
     assert pictures[0].std() > 0 and (pictures[0] == pictures[1]).all()
-    reused = load_model(DEMO_CHECKPOINT, tmp_path / "w2", tmp_path / "c2", str(tokenizer_dir), config_dir="")
-    assert reused.diffusers_config == alone.diffusers_config  # the working copy remembers it
 
 
 def test_a_checkpoint_trained_from_the_demo_model_loads_alone_and_has_its_web_ui_yaml(
@@ -114,7 +113,7 @@ def test_a_checkpoint_trained_from_the_demo_model_loads_alone_and_has_its_web_ui
     assert json.loads((snapshot / "config.json").read_text())["hidden_size"] == 64
     assert (snapshot / "vocab.json").is_file() and (snapshot / "merges.txt").is_file()
 
-    again = load_model(checkpoint, tmp_path / "w", tmp_path / "c", str(tokenizer_dir), config_dir="")
+    again = load_model(checkpoint, cache_dir=tmp_path / "c", tokenizer_dir=str(tokenizer_dir))
     assert again.diffusers_config == read_config_folder(DEMO_CONFIG_DIR)
     assert _same_tensors(again, checkpoint)
     base = read_tensors(DEMO_CHECKPOINT)
@@ -155,7 +154,7 @@ def test_a_shape_the_web_ui_cannot_build_gets_its_configs_but_no_yaml_and_a_warn
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["zwx_1.safetensors"]
     warnings = [e["message"] for e in seen if e["event"] == "warning"]
     assert len(warnings) == 1 and "normalises in 8 groups" in warnings[0] and "zwx_1.safetensors" in warnings[0]
-    loaded = load_model(path, tmp_path / "w", tmp_path / "c", config.tokenizer_dir, config_dir="")
+    loaded = load_model(path, cache_dir=tmp_path / "c", tokenizer_dir=config.tokenizer_dir)
     assert _same_tensors(loaded, path)
 
 

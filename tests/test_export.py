@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import pytest
 import torch
@@ -57,7 +56,7 @@ def test_diffusers_reads_our_export_back_bit_for_bit(tmp_path, tiny, fmt, dtype)
 
 
 def test_export_of_an_untouched_source_gives_back_every_tensor(tmp_path, tiny):
-    loaded = load_model(tiny.path, tmp_path / "working", tmp_path / "cache", config_dir=str(tiny.config_dir))
+    loaded = load_model(tiny.path, cache_dir=tmp_path / "cache", config_dir=str(tiny.config_dir))
     out = save_checkpoint(tmp_path / "again.safetensors", checkpoint_tensors(loaded.components, loaded.extra_tensors))
     source, exported = read_tensors(tiny.path), read_tensors(out)
     dropped = {k for k in source if k.startswith(DROPPED_PREFIXES)}
@@ -68,76 +67,14 @@ def test_export_of_an_untouched_source_gives_back_every_tensor(tmp_path, tiny):
         assert torch.equal(exported[key], source[key]), key
 
 
-def test_the_working_copy_is_reused_and_gives_the_same_model(tmp_path, tiny):
-    first = load_model(tiny.path, tmp_path / "working", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    stamp = (tmp_path / "working" / "source.json").stat().st_mtime_ns
-    second = load_model(tiny.path, tmp_path / "working", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    assert (tmp_path / "working" / "source.json").stat().st_mtime_ns == stamp
-    a, b = (
-        checkpoint_tensors(first.components, first.extra_tensors),
-        checkpoint_tensors(second.components, second.extra_tensors),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _working_bytes(folder) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin"))
-
-
-def test_an_fp16_source_keeps_an_fp16_working_copy_that_loads_to_the_same_fp32_model(tmp_path, tiny):
+def test_an_fp16_source_loads_to_the_same_fp32_master_weights(tmp_path, tiny):
     tensors = read_tensors(tiny.path)
     half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     source = save_checkpoint(tmp_path / "tiny-fp16.safetensors", half)
-    fresh = load_model(source, tmp_path / "w16", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    reused = load_model(source, tmp_path / "w16", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    load_model(tiny.path, tmp_path / "w32", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    assert _working_bytes(tmp_path / "w16") < 0.55 * _working_bytes(tmp_path / "w32")
-    for loaded in (fresh, reused):
-        assert {p.dtype for p in loaded.components.unet.parameters()} == {torch.float32}  # fp32 master weights
-    a, b = checkpoint_tensors(fresh.components), checkpoint_tensors(reused.components)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(a[k], half[k].float()) for k in a if k in half)  # nothing lost on the way
-
-
-def test_a_working_copy_of_an_older_format_is_rebuilt_once(tmp_path, tiny):
-    """Versions before per-part precision wrote every working copy in fp32; such a copy of an fp16 source is
-    rebuilt (half the disk) rather than reused for ever."""
-    tensors = read_tensors(tiny.path)
-    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    source = save_checkpoint(tmp_path / "tiny-fp16.safetensors", half)
-    load_model(source, tmp_path / "w", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    stamp_path = tmp_path / "w" / "source.json"
-    new_bytes = _working_bytes(tmp_path / "w")
-    stamp = json.loads(stamp_path.read_text())
-    del stamp["working_format"]  # what an older version left: fp32 parts and no format in the stamp
-    load_model(tiny.path, tmp_path / "old", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    old_copy = tmp_path / "w-old"
-    shutil.copytree(tmp_path / "old", old_copy)
-    (old_copy / "source.json").write_text(json.dumps(stamp))
-    old_bytes = _working_bytes(old_copy)
-    assert old_bytes > 1.8 * new_bytes
-    reloaded = load_model(source, old_copy, tmp_path / "cache", config_dir=str(tiny.config_dir))
-    assert _working_bytes(old_copy) < 0.55 * old_bytes
-    assert json.loads((old_copy / "source.json").read_text()) == json.loads(stamp_path.read_text())
-    a = checkpoint_tensors(reloaded.components)
-    assert all(torch.equal(a[k], half[k].float()) for k in a if k in half)
-
-
-def test_each_part_keeps_its_own_precision_and_position_ids_do_not_count(tmp_path, tiny):
-    """A common mix: fp16 UNet and text encoder, a baked-in fp32 VAE, position_ids stored as floats."""
-    tensors = read_tensors(tiny.path)
-    mixed = {k: v.half() if v.is_floating_point() and not k.startswith("first_stage_model.") else v
-             for k, v in tensors.items()}
-    position_ids = next(k for k in mixed if k.endswith("position_ids"))
-    mixed[position_ids] = mixed[position_ids].float()
-    source = save_checkpoint(tmp_path / "mixed.safetensors", mixed)
-    load_model(source, tmp_path / "w", tmp_path / "cache", config_dir=str(tiny.config_dir))
-    stored = {}
-    for part in ("unet", "vae", "text_encoder"):
-        folder = tmp_path / "w" / part
-        values = read_tensors(next(folder.glob("*.safetensors"), None) or next(folder.glob("*.bin")))
-        stored[part] = {v.dtype for k, v in values.items() if v.is_floating_point() and "position_ids" not in k}
-    assert stored == {"unet": {torch.float16}, "vae": {torch.float32}, "text_encoder": {torch.float16}}
+    loaded = load_model(source, cache_dir=tmp_path / "cache", config_dir=str(tiny.config_dir))
+    assert {p.dtype for p in loaded.components.unet.parameters()} == {torch.float32}  # fp32 master weights
+    exported = checkpoint_tensors(loaded.components)
+    assert all(torch.equal(exported[k], half[k].float()) for k in exported if k in half)  # nothing lost on the way
 
 
 def test_safetensors_header_carries_modelspec_and_training_summary(tmp_path, tiny):

@@ -151,16 +151,16 @@ def test_sd2_prediction_type_the_header_the_user_or_the_web_uis_test(tiny_sd2, t
 
     from dreambooth.models.load import load_model
 
-    args = (str(tokenizer_dir), str(tiny_sd2.config_dir))
+    args = {"tokenizer_dir": str(tokenizer_dir), "config_dir": str(tiny_sd2.config_dir)}
     tensors = read_tensors(tiny_sd2.path)
     silent = tmp_path / "silent.safetensors"
     save_file(tensors, str(silent))  # no header: the config folder given for it decides (v here)
-    assert load_model(silent, tmp_path / "w1", tmp_path / "c", *args).components.prediction_type == "v_prediction"
+    assert load_model(silent, cache_dir=tmp_path / "c", **args).components.prediction_type == "v_prediction"
     declared = tmp_path / "eps.safetensors"
     save_file(tensors, str(declared), {"modelspec.prediction_type": "epsilon"})
-    loaded = load_model(declared, tmp_path / "w2", tmp_path / "c", *args)
+    loaded = load_model(declared, cache_dir=tmp_path / "c", **args)
     assert loaded.components.prediction_type == "epsilon"
-    forced = load_model(declared, tmp_path / "w3", tmp_path / "c", *args, prediction_type="v_prediction")
+    forced = load_model(declared, cache_dir=tmp_path / "c", **args, prediction_type="v_prediction")
     assert forced.components.prediction_type == "v_prediction"
     # what a stock-shaped file that declares nothing gets: the web UI's test on the UNet (random weights predict
     # epsilon; a UNet whose output at t=999 sits far below its input is a v model)
@@ -207,7 +207,8 @@ def test_an_sdxl_v_prediction_export_carries_the_v_pred_marker_and_reads_back_as
     assert "v_pred" not in checkpoint_tensors(components)
     path = save_checkpoint(tmp_path / "v.safetensors", checkpoint_tensors(v))
     assert "v_pred" in read_tensors(path)
-    loaded = load_model(path, tmp_path / "w", tmp_path / "c", str(tokenizer_dir), str(tiny_sdxl.config_dir))
+    loaded = load_model(path, cache_dir=tmp_path / "c", tokenizer_dir=str(tokenizer_dir),
+                        config_dir=str(tiny_sdxl.config_dir))
     assert loaded.components.prediction_type == "v_prediction"
 
 

@@ -54,7 +54,7 @@ def trained_lora(tmp_path_factory, tiny, tokenizer_dir):
 
 
 def _load(path, tmp_path, tokenizer_dir, config_dir=""):
-    return load_model(path, tmp_path / f"working-{path.stem}", tmp_path / "cache", str(tokenizer_dir), str(config_dir))
+    return load_model(path, cache_dir=tmp_path / "cache", tokenizer_dir=str(tokenizer_dir), config_dir=str(config_dir))
 
 
 def _weights(loaded):

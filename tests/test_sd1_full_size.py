@@ -59,7 +59,7 @@ def test_an_sd15_shaped_file_loads_exactly_with_the_shipped_configs(tmp_path, to
     source = read_tensors(path)
     for prefix, count in SD15_KEYS.items():
         assert sum(k.startswith(prefix) for k in source) == count, prefix
-    loaded = load_model(path, tmp_path / "working", tmp_path / "cache", tokenizer_dir=str(tokenizer_dir))
+    loaded = load_model(path, cache_dir=tmp_path / "cache", tokenizer_dir=str(tokenizer_dir))
     assert loaded.family.name == "sd1"
     assert next(loaded.components.unet.parameters()).dtype == torch.float32
     again = checkpoint_tensors(loaded.components, loaded.extra_tensors, torch.float16)

@@ -111,12 +111,29 @@ def test_a_cancel_keeps_saved_checkpoints_and_writes_no_partial_file(make_config
     assert not (model_dir / CANCEL_FILE).exists()
 
 
+def test_a_run_deletes_the_working_copy_earlier_versions_kept_and_nothing_else(make_config, model_dir):
+    """Earlier versions kept a diffusers copy of the source in ``working/`` (2-7 GB): the next run deletes it, says
+    so, and trains from the source itself; a folder of the user's own named ``working`` without our stamp stays."""
+    working = model_dir / "working"
+    (working / "unet").mkdir(parents=True)
+    (working / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 4096)
+    (working / "source.json").write_text('{"source_id": "x"}')
+    seen = []
+    result = run(make_config(max_steps=1), model_dir, Events(on_event=seen.append))
+    assert result.step == 1 and not working.exists()
+    assert any(e["event"] == "status" and "Removed" in e["message"] and "working" in e["message"] for e in seen)
+    mine = model_dir.parent / "other" / "working"
+    (mine / "notes").mkdir(parents=True)
+    run(make_config(max_steps=1), model_dir.parent / "other", Events())
+    assert (mine / "notes").is_dir()
+
+
 def test_a_diffusers_folder_trains_like_its_single_file(make_config, tmp_path, tiny):
     from dreambooth.models.load import load_model
     from dreambooth.sample import inference_pipeline
 
     folder = tmp_path / "diffusers"
-    loaded = load_model(tiny.path, tmp_path / "w", tmp_path / "c", config_dir=str(tiny.config_dir))
+    loaded = load_model(tiny.path, cache_dir=tmp_path / "c", config_dir=str(tiny.config_dir))
     inference_pipeline(loaded.family, loaded.components).save_pretrained(str(folder))
     from_file = run(make_config(max_steps=2), tmp_path / "a" / "zwx", Events())
     from_folder = run(make_config(max_steps=2, source_checkpoint=str(folder)), tmp_path / "b" / "zwx", Events())

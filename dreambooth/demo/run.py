@@ -135,16 +135,17 @@ def run_demo(out_dir: Path, quick: bool = False, seed: int = 0, checkpoint: Path
             class_dir = str(next((model_dir / "class_images").iterdir()))
     begin("Sampling and judging")
     rows, pictures = [], {}
-    base = load_model(checkpoint, out_dir / "base" / "working", out_dir / "base" / "cache",
-                      tokenizer_dir, str(config_dir)).components
+
+    def load(path: Path) -> Any:  # a LoadedModel
+        return load_model(path, cache_dir=out_dir / "eval" / "cache", tokenizer_dir=tokenizer_dir,
+                          config_dir=str(config_dir))
+
+    base = load(checkpoint).components
     models = {"base": base}
     for name, _prior, method in TRAININGS:
-        folder = out_dir / "eval" / name.replace(" ", "")
+        loaded = load(checkpoint if method == "lora" else checkpoints[name])
         if method == "lora":
-            loaded = load_model(checkpoint, folder, out_dir / "eval" / "cache", tokenizer_dir, str(config_dir))
             add_lora(loaded, checkpoints[name])
-        else:
-            loaded = load_model(checkpoints[name], folder, out_dir / "eval" / "cache", tokenizer_dir, str(config_dir))
         models[name] = loaded.components
     prompts = (INSTANCE_PROMPT, CONTEXT_PROMPT, CLASS_PROMPT)
     batches = 1 + len(models) * len(prompts)

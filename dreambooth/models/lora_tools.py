@@ -26,9 +26,9 @@ from ..errors import ConfigError, ModelFormatError
 from ..fileio import write_atomic
 from .export import SAVE_DTYPES, checkpoint_tensors, config_metadata, modelspec, save_checkpoint_for_hosts
 from .families import ModelFamily
-from .load import LoadedModel, _load_diffusers_folder, _load_single_file
+from .load import LoadedModel, load_model
 from .lora_file import LoraLayer, lora_metadata, lora_name, lora_tensors, part_modules, read_lora
-from .read import SINGLE_FILE_SUFFIXES, fingerprint
+from .read import fingerprint
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 SHOWN_KEYS = 5
@@ -61,23 +61,6 @@ class Merged:
     note: str = ""
 
 
-def load_source(source: Path, cache_dir: Path, tokenizer_dir: str = "", config_dir: str = "") -> LoadedModel:
-    """Load a single file or diffusers folder with fp32 UNet and text encoders (no working copy is kept)."""
-    source = Path(source)
-    if not source.exists():
-        raise ModelFormatError(f"{source} does not exist.", "Give the full path of a checkpoint or diffusers folder.")
-    if source.is_dir():
-        loaded = _load_diffusers_folder(source, cache_dir, tokenizer_dir)
-    elif source.is_file() and source.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        loaded = _load_single_file(source, cache_dir, tokenizer_dir, config_dir)
-    else:
-        raise ModelFormatError(f"{source} is neither a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a "
-                               "diffusers folder.", "Give the path of a .safetensors/.ckpt file or a diffusers folder.")
-    for _part, model in part_modules(loaded.components):
-        model.to(torch.float32)
-    return loaded
-
-
 def lora_targets(family: ModelFamily, loaded: LoadedModel) -> dict[str, Target]:
     """Every Linear and Conv2d of the UNet and the text encoders, by the key stem a LoRA file gives it."""
     config = loaded.components.unet.config
@@ -101,7 +84,7 @@ def merge_lora(base: Path, lora: Path, out: Path, strength: float = 1.0, dtype: 
     _check_new_output(out, CHECKPOINT_SUFFIXES)
     layers, lora_header = read_lora(lora)
     with tempfile.TemporaryDirectory() as cache:
-        loaded = load_source(base, Path(cache), tokenizer_dir, config_dir)
+        loaded = load_model(base, cache_dir=Path(cache), tokenizer_dir=tokenizer_dir, config_dir=config_dir)
     deltas = matched_deltas(loaded, layers, lora)
     with torch.no_grad():
         for target, delta in deltas:
@@ -206,8 +189,8 @@ def extract_lora(base: Path, tuned: Path, out: Path, rank: int, alpha: float | N
         raise ConfigError(f"--rank {rank} is below 1.", "Give a rank of 1 or more.")
     alpha = float(rank if alpha is None else alpha)
     with tempfile.TemporaryDirectory() as cache:
-        source = load_source(base, Path(cache), tokenizer_dir, config_dir)
-        fine_tuned = load_source(tuned, Path(cache), tokenizer_dir, config_dir)
+        source = load_model(base, cache_dir=Path(cache), tokenizer_dir=tokenizer_dir, config_dir=config_dir)
+        fine_tuned = load_model(tuned, cache_dir=Path(cache), tokenizer_dir=tokenizer_dir, config_dir=config_dir)
     pairs = paired_targets(source, fine_tuned, layers, text_encoder)
     _check_rank(pairs, rank)
     extracted = {}

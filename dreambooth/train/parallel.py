@@ -3,7 +3,7 @@
 Every process holds the whole model and takes its own share of each step's images; before each optimizer step
 the gradients are averaged over the processes, so every copy of the weights takes the same update (the rounding
 stream of bf16 weights is seeded alike everywhere, so bf16 copies stay bit-identical too). Process 0 alone
-prepares the shared files (working copy, class images, latent cache), reports, saves and samples; the others
+prepares the shared files (class images, latent cache), reports, saves and samples; the others
 wait for its preparation, then find everything in place. One process (no launcher) is the plain path: nothing
 here does anything then.
 """

@@ -35,7 +35,7 @@ class ModelFamily:
     """One model family. Subclasses set the class attributes and implement the methods that raise here."""
 
     name: str = ""
-    """Short id, stored in a model's working copy: 'sd1', 'sd2', 'sdxl'."""
+    """Short id: 'sd1', 'sd2', 'sdxl'."""
     label: str = ""
     """What the tab and the messages call it: 'SD 1.x'."""
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
