@@ -38,8 +38,8 @@ def build_folder(family_name: str, folder: Path, tokenizer_dir: Path, tiny: bool
 
     from dreambooth.models.components import Components
     from dreambooth.models.families import family_named
+    from dreambooth.models.pipeline import inference_pipeline
     from dreambooth.models.tokenizer import load_clip_tokenizer
-    from dreambooth.sample import inference_pipeline
 
     if (folder / "model_index.json").is_file():
         return folder

@@ -146,8 +146,8 @@ def build_model(family: str, work: Path, tokenizer: Path, tiny: bool) -> Path:
     from tiny_model import build_tiny_components
 
     from dreambooth.models.families import family_named
+    from dreambooth.models.pipeline import inference_pipeline
     from dreambooth.models.tokenizer import load_clip_tokenizer
-    from dreambooth.sample import inference_pipeline
 
     components = build_tiny_components(load_clip_tokenizer(tokenizer))
     inference_pipeline(family_named("sd1"), components).save_pretrained(str(folder))

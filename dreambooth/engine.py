@@ -27,7 +27,8 @@ from .errors import Cancelled, ConfigError, DatasetError, DiskFullError, DreamBo
 from .events import CANCEL_FILE, Events
 from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec
 from .models.load import LoadedModel, load_model
-from .sample import inference_pipeline, render_samples
+from .models.pipeline import inference_pipeline
+from .sample import render_samples
 from .train.loop import Run, RunResult, train, trained_text_encoders
 from .train.parallel import Parallel, from_environment, leave_process_group
 from .train.speed.step_graph import enable_checkpointing

@@ -1,4 +1,4 @@
-"""Images from the model as it is: preview samples during training, and the pipeline that makes class images."""
+"""Preview images of the model as it trains."""
 
 from __future__ import annotations
 
@@ -10,21 +10,7 @@ import torch
 from .fileio import write_atomic
 from .models.components import Components
 from .models.families import ModelFamily
-
-
-def inference_pipeline(family: ModelFamily, components: Components):
-    """The family's diffusers text-to-image pipeline over the given components (no safety checker), with a DDIM
-    sampler."""
-    import diffusers
-    from diffusers import DDIMScheduler
-
-    pipeline = getattr(diffusers, family.pipeline_class)(
-        **family.pipeline_components(components),
-        scheduler=DDIMScheduler.from_config(components.scheduler.config),
-        **family.pipeline_extras(),
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+from .models.pipeline import inference_pipeline
 
 
 @torch.no_grad()

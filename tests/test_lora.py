@@ -137,7 +137,7 @@ def test_diffusers_reads_our_lora_and_its_unet_gives_the_engines_output(family_c
                     "the modern profile runs this")
     from safetensors.torch import save_file
 
-    from dreambooth.sample import inference_pipeline
+    from dreambooth.models.pipeline import inference_pipeline
 
     plain = copy.deepcopy(family_components)
     ours = _with_random_adapters(family_components, "attention_ff")

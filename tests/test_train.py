@@ -130,7 +130,7 @@ def test_a_run_deletes_the_working_copy_earlier_versions_kept_and_nothing_else(m
 
 def test_a_diffusers_folder_trains_like_its_single_file(make_config, tmp_path, tiny):
     from dreambooth.models.load import load_model
-    from dreambooth.sample import inference_pipeline
+    from dreambooth.models.pipeline import inference_pipeline
 
     folder = tmp_path / "diffusers"
     loaded = load_model(tiny.path, cache_dir=tmp_path / "c", config_dir=str(tiny.config_dir))

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import ModelFormatError
 from .export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_checkpoint
 from .load import _load_diffusers_folder, _load_single_file
+from .pipeline import inference_pipeline
 
 SINGLE_FILE_OUTPUTS = (".safetensors", ".ckpt")
 
@@ -23,8 +24,6 @@ def convert(
             if destination.suffix.lower() in SINGLE_FILE_OUTPUTS:
                 raise ModelFormatError("Both sides are single files.", "Give a folder as the destination.")
             loaded = _load_single_file(source, Path(cache), tokenizer_dir, config_dir)
-            from ..sample import inference_pipeline
-
             inference_pipeline(loaded.family, loaded.components).save_pretrained(str(destination))
             return destination
         if source.is_dir():
