@@ -8,22 +8,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..fileio import write_atomic
-from .families.base import COMMON_CONFIG_FILES, CONFIGS_DIR, ModelFamily
+from .families.base import COMMON_CONFIG_FILES, ModelFamily
 
 
 def read_config_folder(folder: Path, family: ModelFamily | None = None) -> dict[str, dict]:
-    """The JSON of a diffusers config folder's files (the family's ``config_files``; without a family, those of
-    SD 1.x plus ``text_encoder_2/`` when the folder has one). A file it lacks is taken from the family's stock folder
-    (diffusers folders often have no ``model_index.json``)."""
-    names = family.config_files if family is not None else COMMON_CONFIG_FILES + tuple(
-        n for n in ("text_encoder_2/config.json",) if (folder / n).is_file()
-    )
-    fallback = family.stock_config_folder() if family is not None else CONFIGS_DIR / "sd1"
+    """The JSON of a diffusers config folder's files: the family's ``config_files``, a file the folder lacks taken
+    from the family's stock folder (diffusers folders often have no ``model_index.json``); without a family, the
+    files of :data:`COMMON_CONFIG_FILES` and ``text_encoder_2/config.json`` that the folder has."""
+    if family is None:
+        names = [n for n in (*COMMON_CONFIG_FILES, "text_encoder_2/config.json") if (folder / n).is_file()]
+        return {name: json.loads((folder / name).read_text(encoding="utf-8")) for name in names}
     configs = {}
-    for name in names:
+    for name in family.config_files:
         file = folder / name
         if not file.is_file():
-            file = fallback / name
+            file = family.stock_config_folder() / name
         configs[name] = json.loads(file.read_text(encoding="utf-8"))
     return configs
 
