@@ -10,5 +10,6 @@ shift
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
 install /tmp/site .whl/*.whl && install /tmp/site-kohya .whl/kohya/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1  # no network there: fail at once rather than wait on the hub
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 exec python3 bench/peers.py run --out "$out" --kohya-site /tmp/site-kohya "$@"
