@@ -20,12 +20,14 @@ def _image(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def build_dataset(root: Path, instance: int = 10, classes: int = 200, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``root/instance`` and ``root/class`` (kept when already complete); returns both folders."""
+def build_dataset(root: Path, instance: int = 10, classes: int = 200, seed: int = 0,
+                  sizes: tuple[int, int] = (768, 512)) -> tuple[Path, Path]:
+    """Write ``root/instance`` and ``root/class`` (kept when already complete; ``sizes``: their pictures' sides in
+    pixels); returns both folders."""
     root = Path(root)
     folders = (root / "instance", root / "class")
     rng = np.random.default_rng(seed)
-    for folder, count, size in zip(folders, (instance, classes), (768, 512)):
+    for folder, count, size in zip(folders, (instance, classes), sizes):
         if folder.is_dir() and len(list(folder.glob("*.jpg"))) == count:
             continue
         folder.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,11 @@ sys.path.insert(0, str(REPO))
 
 from timing import StepClock
 
+EXIT_WHEN_TIMED = os.environ.get("BENCH_EXIT_WHEN_TIMED") == "1"
+"""Set by a bench that measures no save: the process ends at the end of the timed window (``StepClock``); not
+under a launcher, whose other processes would wait for process 0 forever."""
+RANK0 = os.environ.get("RANK", "0") == "0"
+
 COMMON = {
     "learning_rate": 5e-6,
     "lr_scheduler": "constant",
@@ -135,7 +140,9 @@ def engine_command(mode: str, a, model: Path, instance: Path, klass: Path, timin
 def main() -> None:
     """Patch the clock in, then run the engine's command line."""
     timing_path, warmup, timed, config_path, *rest = sys.argv[1:]
-    clock = StepClock(Path(timing_path), int(warmup), int(timed))
+    ignored = [d for d in (rest[0].split(",") if rest else []) if d]
+    clock = StepClock(Path(timing_path), int(warmup), int(timed), runner="engine", ignored_options=ignored,
+                      exit_when_timed=EXIT_WHEN_TIMED and "RANK" not in os.environ)
     clock.mark("process_start", time.time())
     from dreambooth import engine
     from dreambooth.train import loop
@@ -172,8 +179,8 @@ def main() -> None:
     try:
         rc = cli(["train", config_path, "--json"])
     finally:
-        if os.environ.get("RANK", "0") == "0":  # under a launcher, process 0 times the run
-            clock.write(runner="engine", ignored_options=[d for d in (rest[0].split(",") if rest else []) if d])
+        if RANK0:  # under a launcher, process 0 times the run
+            clock.write()
     raise SystemExit(rc)
 
 

@@ -33,6 +33,20 @@ MODES = {
 
 def build_folder(family_name: str, folder: Path, tokenizer_dir: Path, tiny: bool) -> Path:
     """A diffusers folder of the family's released shape (or the tests' tiny one) with seeded random weights."""
+    from dreambooth.models.families import family_named
+    from dreambooth.sample import inference_pipeline
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    components = build_components(family_name, tokenizer_dir, tiny)
+    inference_pipeline(family_named(family_name), components).save_pretrained(str(folder))
+    return folder
+
+
+def build_components(family_name: str, tokenizer_dir: Path, tiny: bool):  # -> Components
+    """The family's released shape (SD 2.x: 768 px v-prediction; or the tests' tiny one) with seeded random
+    weights, in fp16. Built on the GPU when there is one; on a CPU each module is built in fp16 directly (a
+    full-size SDXL in fp32 would need 14 GB of memory on the way)."""
     import diffusers
     import transformers
 
@@ -41,8 +55,6 @@ def build_folder(family_name: str, folder: Path, tokenizer_dir: Path, tiny: bool
     from dreambooth.models.pipeline import inference_pipeline
     from dreambooth.models.tokenizer import load_clip_tokenizer
 
-    if (folder / "model_index.json").is_file():
-        return folder
     family = family_named(family_name)
     torch.manual_seed(0)
     if tiny:
@@ -53,6 +65,9 @@ def build_folder(family_name: str, folder: Path, tokenizer_dir: Path, tiny: bool
     else:
         config_dir = family.stock_config_folder("v_prediction" if family_name == "sd2" else "epsilon")
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        default_dtype = torch.get_default_dtype()
+        if device == "cpu":
+            torch.set_default_dtype(torch.float16)
         with torch.device(device):
             unet = diffusers.UNet2DConditionModel.from_config(json.loads((config_dir / "unet/config.json").read_text()))
             vae = diffusers.AutoencoderKL.from_config(json.loads((config_dir / "vae/config.json").read_text()))
@@ -61,13 +76,13 @@ def build_folder(family_name: str, folder: Path, tokenizer_dir: Path, tiny: bool
                     transformers.CLIPTextConfig.from_json_file(str(config_dir / name / "config.json")))
                 for name in family.text_encoder_names
             }
+        torch.set_default_dtype(default_dtype)
         scheduler = diffusers.DDPMScheduler.from_pretrained(str(config_dir), subfolder="scheduler")
         tokenizers = {name: load_clip_tokenizer(tokenizer_dir, pad) for name, pad in family.pad_tokens.items()}
         components = Components(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers)
     for model in components.models.values():
         model.to(torch.float16)
-    inference_pipeline(family, components).save_pretrained(str(folder))
-    return folder
+    return components
 
 
 def draw_photos(folder: Path, count: int, size: int, seed: int) -> Path:

@@ -11,6 +11,7 @@ script has no flag for.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 import time
@@ -40,7 +41,8 @@ def keep_loader_workers() -> None:
 def main() -> None:
     """Patch, then execute the reference script as ``__main__``."""
     timing_path, warmup, timed, script, *args = sys.argv[1:]
-    clock = StepClock(Path(timing_path), int(warmup), int(timed))
+    clock = StepClock(Path(timing_path), int(warmup), int(timed), runner="reference",
+                      exit_when_timed=os.environ.get("BENCH_EXIT_WHEN_TIMED") == "1")
     clock.mark("process_start", time.time())
 
     import diffusers
@@ -77,7 +79,7 @@ def main() -> None:
     try:
         runpy.run_path(script, run_name="__main__")
     finally:
-        clock.write(runner="reference")
+        clock.write()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ the end of the first step (time to first step), steps ``warmup`` and ``warmup + 
 Only those three calls synchronise; the others cost a counter increment. ``peak_bytes`` is the whole process's
 peak ``torch.cuda.max_memory_allocated``; ``peak_before_steps_bytes`` the part before step 0 (loading, caching,
 recording, compiling) and ``peak_steps_bytes`` the steps' own (the peak statistics are reset at step 0). Times
-are ``time.time()`` so the orchestrator can subtract its own launch time.
+are ``time.time()`` so the orchestrator can subtract its own launch time. With ``exit_when_timed`` the clock
+writes its file and ends the process at the start of step ``warmup + timed`` (``os._exit``: no final save, no
+orderly shutdown of loader workers), so a benchmark spends no time on what it does not measure.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,8 +36,10 @@ def timed(fn, repeat: int) -> float:
 class StepClock:
     """Records the marks described in the module docstring and writes them as JSON."""
 
-    def __init__(self, path: Path, warmup: int, timed: int) -> None:
+    def __init__(self, path: Path, warmup: int, timed: int, exit_when_timed: bool = False, **extra) -> None:
         self.path, self.warmup, self.timed = Path(path), warmup, timed
+        self.exit_when_timed = exit_when_timed
+        self.extra = extra
         self.marks: dict[str, float] = {}
         self.index = 0
 
@@ -51,6 +57,7 @@ class StepClock:
             torch.cuda.reset_peak_memory_stats()
         if i == 1:
             self._mark("first_step_done")
+            self.write()  # kept if the process dies or runs out of time later
         if i == self.warmup:
             self._mark("timed_start")
         if i == self.warmup + self.timed:
@@ -59,6 +66,11 @@ class StepClock:
                 self.marks["peak_steps_bytes"] = float(torch.cuda.max_memory_allocated())
                 self.marks["peak_bytes"] = max(self.marks["peak_steps_bytes"],
                                                self.marks.get("peak_before_steps_bytes", 0.0))
+            if self.exit_when_timed:
+                self.write(exited_after_timed=True)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
 
     def mark(self, name: str, value: float | None = None) -> None:
         """Record another point (synchronised) or a value."""
@@ -70,4 +82,4 @@ class StepClock:
     def write(self, **extra) -> None:
         """Write the marks (and ``extra``) to the JSON file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({**self.marks, **extra, "steps_seen": self.index}, indent=1))
+        self.path.write_text(json.dumps({**self.marks, **self.extra, **extra, "steps_seen": self.index}, indent=1))
