@@ -34,7 +34,7 @@ MODES = {
 def build_folder(family_name: str, folder: Path, tokenizer_dir: Path, tiny: bool) -> Path:
     """A diffusers folder of the family's released shape (or the tests' tiny one) with seeded random weights."""
     from dreambooth.models.families import family_named
-    from dreambooth.sample import inference_pipeline
+    from dreambooth.models.pipeline import inference_pipeline
 
     if (folder / "model_index.json").is_file():
         return folder
@@ -52,7 +52,6 @@ def build_components(family_name: str, tokenizer_dir: Path, tiny: bool):  # -> C
 
     from dreambooth.models.components import Components
     from dreambooth.models.families import family_named
-    from dreambooth.models.pipeline import inference_pipeline
     from dreambooth.models.tokenizer import load_clip_tokenizer
 
     family = family_named(family_name)
