@@ -69,6 +69,6 @@ def latent_jobs(instance: Sequence[Example], classes: Sequence[Example]) -> list
 
 
 def describe_buckets(examples: Sequence[Example]) -> str:
-    """``"512x512: 3 images, 448x576: 2 images"`` (width x height, the largest group first)."""
-    counts = Counter(e.bucket for e in examples)
-    return ", ".join(f"{w}x{h}: {n} image{'s' if n > 1 else ''}" for (h, w), n in counts.most_common())
+    """``"512x512: 3 images, 448x576: 2 images"`` (width x height; the largest group first, then the widest)."""
+    counts = sorted(Counter(e.bucket for e in examples).items(), key=lambda item: (-item[1], -item[0][1] / item[0][0]))
+    return ", ".join(f"{w}x{h}: {n} image{'s' if n > 1 else ''}" for (h, w), n in counts)
