@@ -4,6 +4,7 @@ training end to end on photos of mixed shapes (square photos train exactly as wi
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections import Counter
@@ -25,6 +26,7 @@ from dreambooth.models.conditioning import ImageGeometry
 from dreambooth.models.families import family_named
 from dreambooth.models.read import read_tensors
 from dreambooth.train import loop
+from dreambooth.train.speed.layout import compile_blocks
 
 # --- the bucket set and the assignment -------------------------------------------------------------------
 
@@ -327,22 +329,40 @@ def test_a_bucketed_run_resumes_bit_for_bit(make_config, tmp_path, batches_seen)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_compile_unet_compiles_every_bucket_before_the_first_step(make_config, tmp_path):
-    """Frames compiled by the time training starts equal those compiled by its end: no bucket's shape compiles
-    mid-run (where a cancel could not reach it and its minutes would count as a slow step)."""
-    from torch._dynamo.utils import counters
-
+def test_compile_unet_runs_every_buckets_shape_before_the_first_step(make_config, tmp_path, monkeypatch):
+    """Blocks compile with static shapes, so each bucket's shape is a compile of its own: all of them run before
+    step 1 (where the compile's time is reported and a cancel reaches it), not minutes into training, and dynamo's
+    recompile limit allows them all. The compiler is a stand-in here (a real CPU compile of three shapes takes
+    minutes: test_compile_unet.py compiles for real)."""
     photos = _mixed_photos(tmp_path / "photos")
-    torch._dynamo.reset()
-    counters.clear()
-    at_start: list[int] = []
+    announced: list[int] = []
+    shapes: list[tuple[int, ...]] = []
+    started: list[int] = []
 
-    def count_at_start(event: dict) -> None:
-        if event["event"] == "started":
-            at_start.append(sum(counters["frames"].values()))
+    def stand_in(unet, shapes=1):
+        announced.append(shapes)
+        unet.register_forward_pre_hook(lambda _, args: shapes_seen(args[0]))
+        return 7
 
-    config = make_config(concept={"instance_dir": str(photos)}, resolution=128, max_steps=6, compile_unet=True)
-    run(config, tmp_path / "zwx", Events(on_event=count_at_start))
-    assert at_start[0] > 0 and sum(counters["frames"].values()) == at_start[0]
+    def shapes_seen(sample):
+        if not started:
+            shapes.append(tuple(sample.shape[2:]))
 
+    monkeypatch.setattr(loop, "compile_blocks", stand_in)
+    config = make_config(concept={"instance_dir": str(photos)}, resolution=128, max_steps=1, compile_unet=True,
+                         prior_preservation=False)
+    run(config, tmp_path / "zwx", Events(on_event=lambda e: e["event"] == "started" and started.append(1)))
+    assert sorted(shapes) == [(8, 24), (16, 16), (24, 8)]
+    assert announced == [3]
+
+
+def test_the_recompile_limit_allows_every_block_at_every_shape(tiny):
+    config = torch._dynamo.config  # a process-wide setting: put back as it was (monkeypatch would delete it)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    setattr(config, name, 8)
+    try:
+        count = compile_blocks(copy.deepcopy(tiny.components.unet), shapes=3)  # wrapped only: compiles when called
+        assert count > 2 and getattr(config, name) == 3 * count
+    finally:
+        setattr(config, name, before)

@@ -53,6 +53,10 @@ class DataOrder:
     from (seed, round). Batch ``k`` (``instance_position // batch_size``) therefore draws from a bucket and a place
     in its stream that are a pure function of ``k``. When one bucket holds every image (all square photos, or
     buckets off) its stream is the plain instance stream: the same order as without buckets.
+
+    Batches keep their size: a bucket whose photos do not fill its last batch of a round tops it up from its own
+    stream's next pass (as the plain stream does across epochs), so at batch sizes above 1 a small bucket is seen a
+    little more often than its share (a lone portrait at batch size 4 fills a whole batch).
     """
 
     def __init__(

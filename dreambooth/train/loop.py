@@ -328,7 +328,7 @@ def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) ->
     try:
         if not run.parallel.active:  # several processes stop together, at the training loop's agreed cancel
             checks = _cancel_checks_between_blocks(unet, run.cancel_requested)
-        count = compile_blocks(unet)
+        count = compile_blocks(unet, shapes=len(examples))
         if _is_channels_last(unet):  # the NCHW UNet (the CPU) keeps the plain norms
             channels_last_group_norms(unet)
         for example in examples:  # each bucket's shape now, not minutes into training
