@@ -450,8 +450,8 @@ class TrainConfig:
         group="Memory and speed",
         help="Record the UNet's forward and backward once and replay them (several times faster at small batches); "
         "with the fused optimizer step, the whole step (gradient checkpointing included) is recorded. Used on CUDA "
-        "with bf16 weights and a frozen text encoder, and without gradient checkpointing unless the optimizer step "
-        "is fused; otherwise the UNet runs as usual.",
+        "with bf16 weights, a frozen text encoder, instance images of one aspect-ratio bucket, and without gradient "
+        "checkpointing unless the optimizer step is fused; otherwise the UNet runs as usual.",
     )
     compile_optimizer: bool = option(
         True,
