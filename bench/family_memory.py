@@ -4,6 +4,8 @@ batch 1, prior preservation, UNet only.
 
 Usage: python bench/family_memory.py --family sdxl --modes lowmem speed --steps 30 --out OUT
        python bench/family_memory.py --family sdxl --tiny ...   (a CPU smoke run on the tests' tiny model)
+       --mixed-shapes: the instance photos are square, 3:4 portrait and 4:3 landscape (three aspect-ratio buckets,
+       so no CUDA graphs); without it they are square, as before buckets.
 Writes OUT/<family>-<mode>.json per mode and prints one table row each.
 """
 
@@ -84,15 +86,17 @@ def build_components(family_name: str, tokenizer_dir: Path, tiny: bool):  # -> C
     return components
 
 
-def draw_photos(folder: Path, count: int, size: int, seed: int) -> Path:
-    """``count`` pictures of a disc on a varied background."""
+def draw_photos(folder: Path, count: int, size: int, seed: int, mixed_shapes: bool = False) -> Path:
+    """``count`` pictures of a disc on a varied background: squares, or (``mixed_shapes``) square, 3:4 and 4:3 in
+    turn."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(count):
-        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        shape = [(size, size), (size * 3 // 4, size), (size, size * 3 // 4)][i % 3 if mixed_shapes else 0]
+        image = Image.new("RGB", shape, tuple(int(v) for v in rng.integers(0, 255, 3)))
         r = size // 4
         ImageDraw.Draw(image).ellipse([r, r, 3 * r, 3 * r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
         image.save(folder / f"{i}.png")
@@ -100,7 +104,7 @@ def draw_photos(folder: Path, count: int, size: int, seed: int) -> Path:
 
 
 def run_mode(family: str, mode: str, model: Path, work: Path, steps: int, resolution: int, tokenizer_dir: Path,
-             tiny: bool) -> dict:
+             tiny: bool, mixed_shapes: bool = False) -> dict:
     from dreambooth.config import TrainConfig
     from dreambooth.engine import run
     from dreambooth.events import Events
@@ -119,7 +123,7 @@ def run_mode(family: str, mode: str, model: Path, work: Path, steps: int, resolu
         "resolution": resolution, "max_steps": steps, "save_every": 0, "learning_rate": 1e-5, "log_every": 1,
         "batch_size": 1, "prior_preservation": True, "save_dtype": "fp16",
         "device": "cpu" if tiny else "cuda",
-        "concepts": [{"instance_dir": str(draw_photos(work / "instance", 5, resolution, 0)),
+        "concepts": [{"instance_dir": str(draw_photos(work / "instance", 5, resolution, 0, mixed_shapes)),
                       "instance_prompt": "photo of zwx disc", "class_prompt": "photo of a disc",
                       "class_dir": str(draw_photos(work / "class", 5, resolution, 1)), "num_class_images": 5}],
         **(MODES[mode] if not tiny else {}),
@@ -131,8 +135,8 @@ def run_mode(family: str, mode: str, model: Path, work: Path, steps: int, resolu
     later = [t for t, s, _ in steps_seen if s > steps // 3]
     rate = (len(later) - 1) / (later[-1] - later[0]) if len(later) > 1 else None
     peak = max((m for _, _, m in steps_seen if m is not None), default=None)
-    return {"family": family, "mode": mode, "resolution": resolution, "steps": result.step,
-            "first_step_s": first, "steps_per_s": rate, "peak_gb": peak / 1024 if peak else None,
+    return {"family": family, "mode": mode, "resolution": resolution, "mixed_shapes": mixed_shapes,
+            "steps": result.step, "first_step_s": first, "steps_per_s": rate, "peak_gb": peak / 1024 if peak else None,
             "checkpoint_mb": result.checkpoints[-1].stat().st_size / 2**20 if result.checkpoints else None}
 
 
@@ -145,16 +149,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/family-bench"))
     parser.add_argument("--tokenizer-dir", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--mixed-shapes", action="store_true")
     args = parser.parse_args()
-    resolution = 64 if args.tiny else (1024 if args.family == "sdxl" else 768)
+    resolution = (128 if args.mixed_shapes else 64) if args.tiny else (1024 if args.family == "sdxl" else 768)
     started = time.perf_counter()
     model = build_folder(args.family, args.work / f"{args.family}-model", args.tokenizer_dir, args.tiny)
     print(f"built the {args.family} model in {time.perf_counter() - started:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for mode in args.modes:
         row = run_mode(args.family, mode, model, args.work / mode, args.steps, resolution, args.tokenizer_dir,
-                       args.tiny)
-        (args.out / f"{args.family}-{mode}.json").write_text(json.dumps(row, indent=2))
+                       args.tiny, args.mixed_shapes)
+        name = f"{args.family}-{mode}{'-mixed' if args.mixed_shapes else ''}"
+        (args.out / f"{name}.json").write_text(json.dumps(row, indent=2))
         print(json.dumps(row), flush=True)
 
 

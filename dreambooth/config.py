@@ -210,13 +210,24 @@ class TrainConfig:
         group="Images",
         minimum=64,
         maximum=2048,
-        help="Training size in pixels (square, a multiple of 8).",
+        help="Training size in pixels: the side of the square, a multiple of 8 (aspect-ratio buckets have about as "
+        "many pixels).",
+    )
+    aspect_buckets: bool = option(
+        True,
+        label="Aspect-ratio buckets",
+        group="Images",
+        help="Train each image at the shape nearest its own aspect ratio instead of a square cut from it: kohya's "
+        "buckets, sides multiples of 64 from half to twice the resolution, at most resolution² pixels (SDXL at 1024: "
+        "1024x1024, 1152x896, 1216x832, 832x1216 ...). Each batch is of one shape; class images are cropped to it. "
+        "Square images train exactly as with this off. CUDA graphs record one shape, so with images of several "
+        "shapes they are off; compile_unet compiles each shape before the first step.",
     )
     center_crop: bool = option(
         True,
         label="Centre crop",
         group="Images",
-        help="Crop the centre of each image; off crops a random square each time.",
+        help="Crop the centre of each image; off crops at a random place each time.",
     )
     hflip: bool = option(
         False,
@@ -439,8 +450,8 @@ class TrainConfig:
         group="Memory and speed",
         help="Record the UNet's forward and backward once and replay them (several times faster at small batches); "
         "with the fused optimizer step, the whole step (gradient checkpointing included) is recorded. Used on CUDA "
-        "with bf16 weights and a frozen text encoder, and without gradient checkpointing unless the optimizer step "
-        "is fused; otherwise the UNet runs as usual.",
+        "with bf16 weights, a frozen text encoder, instance images of one aspect-ratio bucket, and without gradient "
+        "checkpointing unless the optimizer step is fused; otherwise the UNet runs as usual.",
     )
     compile_optimizer: bool = option(
         True,

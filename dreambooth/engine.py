@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .config import TrainConfig, validate_for_training
+from .data.buckets import assign_buckets, describe_buckets, latent_jobs
 from .data.cache import ImageLatents, PromptEmbeddings
 from .data.class_images import class_image_folder, existing_class_images, generate_class_images
 from .data.dataset import Example, class_examples, instance_examples
@@ -102,6 +103,9 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
     min_side = min(64, config.resolution)
     instance = [e for concept in config.concepts for e in instance_examples(concept)]
     check_images([e.path for e in instance], min_side)
+    instance = assign_buckets(instance, config.resolution, config.aspect_buckets)
+    if config.aspect_buckets:
+        events.emit("status", message=f"Aspect-ratio buckets (width x height): {describe_buckets(instance)}")
 
     def prepare() -> tuple[LoadedModel, list[Example], ImageLatents]:
         events.emit("status", message=f"Loading {config.source_checkpoint}")
@@ -145,7 +149,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         )
         flips = (False, True) if config.hflip else (False,)
         latents.prepare(
-            [e.path for e in instance + classes],
+            latent_jobs(instance, classes),
             flips,
             lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
         )

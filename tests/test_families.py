@@ -106,16 +106,16 @@ def test_sdxl_time_ids_come_from_the_crop_actually_applied(tiny_sdxl, tokenizer_
     Image.new("RGB", (100, 64), (200, 30, 30)).save(photo)
     components = tiny_sdxl.components
     centre = ImageLatents(components.vae, 64, True, True, None, "m", torch.device("cpu"), 32)
-    centre.prepare([photo], (False, True), lambda *_: None)
+    centre.prepare([(photo, (64, 64))], (False, True), lambda *_: None)
     generator = torch.Generator().manual_seed(0)
-    _, geometries = centre.sample([photo, photo], [False, True], random.Random(0), generator)
+    _, geometries = centre.sample([photo, photo], [False, True], (64, 64), random.Random(0), generator)
     assert geometries == [ImageGeometry((64, 100), (0, 18), (64, 64)), ImageGeometry((64, 100), (0, 18), (64, 64))]
     randomly = ImageLatents(components.vae, 64, False, False, None, "m", torch.device("cpu"), 32)
-    corners = {randomly.sample([photo], [False], random.Random(seed), generator)[1][0].crop_top_left
+    corners = {randomly.sample([photo], [False], None, random.Random(seed), generator)[1][0].crop_top_left
                for seed in range(8)}
     assert len(corners) > 1 and all(top == 0 and 0 <= left <= 36 for top, left in corners)
-    flipped = randomly.sample([photo], [True], random.Random(1), generator)[1][0]
-    plain = randomly.sample([photo], [False], random.Random(1), generator)[1][0]
+    flipped = randomly.sample([photo], [True], None, random.Random(1), generator)[1][0]
+    plain = randomly.sample([photo], [False], None, random.Random(1), generator)[1][0]
     assert flipped.crop_top_left[1] == 36 - plain.crop_top_left[1]
 
     prompts = PromptEmbeddings(family_named("sdxl"), components, torch.device("cpu"), use_cache=True)
@@ -189,8 +189,8 @@ def test_a_half_precision_vae_encodes_in_fp32_and_gives_no_nan(tiny_sdxl, tmp_pa
     with torch.no_grad():  # what encoding in the VAE's own fp16 gives
         assert not torch.isfinite(vae.encode(torch.ones(1, 3, 64, 64).half()).latent_dist.mean).all()
     latents = ImageLatents(vae, 64, True, True, None, "m", torch.device("cpu"), 32)
-    latents.prepare([photo], (False,), lambda *_: None)
-    sample, _ = latents.sample([photo], [False], random.Random(0), torch.Generator().manual_seed(0))
+    latents.prepare([(photo, (64, 64))], (False,), lambda *_: None)
+    sample, _ = latents.sample([photo], [False], (64, 64), random.Random(0), torch.Generator().manual_seed(0))
     assert torch.isfinite(sample).all()
     assert next(vae.parameters()).dtype == torch.float16  # handed back as it was
 

@@ -1,16 +1,17 @@
 """Turn images into VAE latents and prompts into the UNet's conditioning, once where the settings allow.
 
-Latents are cached as the VAE's Gaussian (mean and standard deviation) for each image and each flip, and a
-fresh latent is sampled from it every step, exactly as an uncached run samples from the same distribution.
-A random crop makes every step's pixels different, so it turns the latent cache off. Each latent comes with the
-geometry of the crop it was made from (:class:`~dreambooth.models.conditioning.ImageGeometry`), which SDXL's
-micro-conditioning reads.
+Latents are cached as the VAE's Gaussian (mean and standard deviation) for each image, each shape it is cropped to
+(its aspect-ratio bucket; a class image once for every bucket in use) and each flip, and a fresh latent is sampled
+from it every step, exactly as an uncached run samples from the same distribution. A random crop makes every step's
+pixels different, so it turns the latent cache off. Each latent comes with the geometry of the crop it was made from
+(:class:`~dreambooth.models.conditioning.ImageGeometry`), which SDXL's micro-conditioning reads.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,10 @@ from PIL import Image, ImageOps
 from ..models.components import Components
 from ..models.conditioning import Conditioning, ImageGeometry
 from ..models.families import ModelFamily
-from .images import crop_square, image_digest, load_image, to_tensor
+from .images import cover_size, crop_to, image_digest, load_image, to_tensor
+
+Size = tuple[int, int]
+"""(height, width) in pixels."""
 
 
 class ImageLatents:
@@ -46,37 +50,56 @@ class ImageLatents:
         self.min_side = min_side
         self.scaling = vae.config.scaling_factor
         self.encodes = 0
-        self._distributions: dict[tuple[Path, bool], tuple[torch.Tensor, ImageGeometry]] = {}
-        self._images: dict[Path, tuple[Image.Image, ImageGeometry]] = {}
+        self._distributions: dict[tuple[Path, Size, bool], tuple[torch.Tensor, ImageGeometry]] = {}
+        self._images: dict[tuple[Path, Size], tuple[Image.Image, ImageGeometry, int]] = {}
 
-    def prepare(self, paths: list[Path], flips: tuple[bool, ...], progress: Callable[[int, int], None]) -> None:
-        """Encode every image (and its mirror image when ``flips`` has True) once, reading the disk cache first."""
+    def prepare(
+        self, images: Sequence[tuple[Path, Size]], flips: tuple[bool, ...], progress: Callable[[int, int], None]
+    ) -> None:
+        """Encode every image at its shape (and its mirror image when ``flips`` has True) once, reading the disk cache
+        first."""
         if not self.use_cache:
             return
-        jobs = [(p, f) for p in dict.fromkeys(paths) for f in flips]
-        for done, (path, flip) in enumerate(jobs, 1):
-            self._distributions[(path, flip)] = self._cached_distribution(path, flip)
+        jobs = [(path, size, flip) for path, size in dict.fromkeys(images) for flip in flips]
+        for done, job in enumerate(jobs, 1):
+            self._distributions[job] = self._cached_distribution(*job)
             progress(done, len(jobs))
 
     def sample(
-        self, paths: list[Path], flips: list[bool], rng: random.Random, generator: torch.Generator
+        self,
+        paths: list[Path],
+        flips: list[bool],
+        size: Size | None,
+        rng: random.Random,
+        generator: torch.Generator,
     ) -> tuple[torch.Tensor, list[ImageGeometry]]:
-        """One latent per image (mean + std · ε, scaled by the VAE's scaling factor), and the geometry of each."""
+        """One latent per image, each cropped to ``size`` (None: the ``resolution`` square): mean + std · ε, scaled by
+        the VAE's scaling factor; and the geometry of each."""
+        size = size or (self.resolution, self.resolution)
         if self.use_cache:
-            cached = [self._distributions[(p, f)] for p, f in zip(paths, flips)]
+            cached = [self._distribution(p, size, f) for p, f in zip(paths, flips)]
             dist, geometries = torch.stack([d for d, _ in cached]), [g for _, g in cached]
         else:
-            pixels = [self._pixels(p, f, rng) for p, f in zip(paths, flips)]
+            pixels = [self._pixels(p, size, f, rng) for p, f in zip(paths, flips)]
             dist = torch.cat([self._encode(image) for image, _ in pixels])
             geometries = [g for _, g in pixels]
         mean, std = dist.chunk(2, dim=1)
         eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
         return (mean + std * eps.to(mean.device)) * self.scaling, geometries
 
-    def _cached_distribution(self, path: Path, flip: bool) -> tuple[torch.Tensor, ImageGeometry]:
+    def _distribution(self, path: Path, size: Size, flip: bool) -> tuple[torch.Tensor, ImageGeometry]:
+        """The prepared distribution, or (a shape ``prepare`` was not told of) one made now and kept."""
+        key = (path, size, flip)
+        if key not in self._distributions:
+            self._distributions[key] = self._cached_distribution(path, size, flip)
+        return self._distributions[key]
+
+    def _cached_distribution(self, path: Path, size: Size, flip: bool) -> tuple[torch.Tensor, ImageGeometry]:
         file = None
         if self.cache_dir is not None:
-            key = f"{image_digest(path)[:24]}_{self.resolution}_{'flip' if flip else 'orig'}_{self.model_id}"
+            height, width = size  # a square keeps the key it had before buckets: its latents are the same
+            shape = str(width) if height == width else f"{width}x{height}"
+            key = f"{image_digest(path)[:24]}_{shape}_{'flip' if flip else 'orig'}_{self.model_id}"
             file = self.cache_dir / f"{key}.safetensors"
             if file.is_file():
                 from safetensors import safe_open
@@ -86,7 +109,7 @@ class ImageLatents:
                     if geometry:  # a cache file from before geometries were kept is made again
                         numbers = [int(n) for n in geometry.split(",")]
                         return handle.get_tensor("dist").to(self.device), ImageGeometry.from_time_ids(numbers)
-        pixels, geometry = self._pixels(path, flip, random.Random(0))
+        pixels, geometry = self._pixels(path, size, flip, random.Random(0))
         dist = self._encode(pixels)[0]
         if file is not None:
             from safetensors.torch import save_file
@@ -97,24 +120,27 @@ class ImageLatents:
             write_atomic(file, lambda tmp: save_file({"dist": dist.detach().cpu().contiguous()}, str(tmp), meta))
         return dist, geometry
 
-    def _pixels(self, path: Path, flip: bool, rng: random.Random) -> tuple[torch.Tensor, ImageGeometry]:
-        if path not in self._images:
+    def _pixels(self, path: Path, size: Size, flip: bool, rng: random.Random) -> tuple[torch.Tensor, ImageGeometry]:
+        """``path`` scaled to cover ``size`` and cropped to it (the centre, or where ``rng`` says), mirrored when
+        ``flip``; and the geometry of that crop in the image as loaded."""
+        if (path, size) not in self._images:
             image = load_image(path, self.min_side)
-            original = (image.height, image.width)
+            geometry = ImageGeometry((image.height, image.width), (0, 0), size)
+            spare = cover_size(image.width, image.height, size)[0] - size[1]
             if self.center_crop:
-                image, corner = crop_square(image, self.resolution, True, rng)
-            else:
-                image, corner = _shorter_side_to(image, self.resolution), (0, 0)
-            self._images[path] = image, ImageGeometry(original, corner, (self.resolution, self.resolution))
-        image, geometry = self._images[path]
+                image, corner = crop_to(image, size, True, rng)
+                geometry = replace(geometry, crop_top_left=corner)
+            else:  # scaled once; each step crops it somewhere else
+                image = image.resize(cover_size(image.width, image.height, size), Image.LANCZOS)
+            self._images[(path, size)] = image, geometry, spare
+        image, geometry, spare = self._images[(path, size)]
         if not self.center_crop:
-            image, corner = crop_square(image, self.resolution, False, rng)
-            geometry = ImageGeometry(geometry.original_size, corner, geometry.target_size)
+            image, corner = crop_to(image, size, False, rng)
+            geometry = replace(geometry, crop_top_left=corner)
         if flip:  # the mirror image of a crop is the crop at the mirrored place of the mirrored image
             image = ImageOps.mirror(image)
             top, left = geometry.crop_top_left
-            spare = _scaled_width(geometry.original_size, self.resolution) - self.resolution
-            geometry = ImageGeometry(geometry.original_size, (top, spare - left), geometry.target_size)
+            geometry = replace(geometry, crop_top_left=(top, spare - left))
         return to_tensor(image).unsqueeze(0), geometry
 
     @torch.no_grad()
@@ -132,17 +158,6 @@ class ImageLatents:
             if widen:
                 self.vae.to(torch.float16)
         return torch.cat([dist.mean, dist.std], dim=1).float().to(self.device)
-
-
-def _shorter_side_to(image: Image.Image, size: int) -> Image.Image:
-    scale = size / min(image.size)
-    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.LANCZOS)
-
-
-def _scaled_width(original_size: tuple[int, int], size: int) -> int:
-    """The width of an image of ``original_size`` (height, width) once its shorter side is ``size``."""
-    height, width = original_size
-    return max(size, round(width * size / min(height, width)))
 
 
 class PromptEmbeddings:

@@ -168,19 +168,49 @@ def crop_square(
     image: Image.Image, resolution: int, center_crop: bool, rng: random.Random
 ) -> tuple[Image.Image, tuple[int, int]]:
     """:func:`fit_square`, also returning the crop's top-left corner ``(top, left)`` in the scaled image."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, _LANCZOS)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    return crop_to(image, (resolution, resolution), center_crop, rng)
+
+
+def cover_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) a ``width`` x ``height`` picture is scaled to, keeping its aspect ratio, to cover ``size``
+    ((height, width)) with the least to spare: one side equals the target's, the other is at least its."""
+    target_height, target_width = size
+    scale = max(target_width / width, target_height / height)
+    return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+
+
+def crop_to(
+    image: Image.Image, size: tuple[int, int], center_crop: bool, rng: random.Random
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Scale ``image`` (Lanczos) to :func:`cover_size` of ``size`` ((height, width)) and cut that size from it: from
+    the centre, or, when ``center_crop`` is false, at an offset drawn from ``rng`` (left, then top). Returns the
+    crop and its top-left corner ``(top, left)`` in the scaled image."""
+    height, width = size
+    scaled = cover_size(image.width, image.height, size)
+    if scaled != image.size:
+        image = image.resize(scaled, _LANCZOS)
+    spare_x, spare_y = scaled[0] - width, scaled[1] - height
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
     if (spare_x, spare_y) == (0, 0):
         return image, (0, 0)
-    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+    return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """The (height, width) of the picture ``load_image`` gives, before its shrinking to ``MAX_DECODE_SIDE``, read from
+    the file's header (EXIF orientation applied) without decoding it. Raises ``DatasetError`` for an unusable file."""
+    path = Path(path)
+    try:
+        with _opened(path) as image:
+            width, height = image.size
+            if _orientation(image) in (5, 6, 7, 8):  # a quarter turn
+                width, height = height, width
+    except _Unusable as bad:
+        raise DatasetError(f"{path} {bad.reason}.", bad.advice) from None
+    return height, width
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

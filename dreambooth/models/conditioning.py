@@ -16,15 +16,15 @@ import torch
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """How a training image became the square the model sees, in pixels: its size before resizing, the top-left
-    corner of the crop in the resized image, and the size of the crop."""
+    """How a training image became what the model sees (the square, or its aspect-ratio bucket), in pixels: its size
+    before resizing, the top-left corner of the crop in the image resized to cover the crop, and the crop's size."""
 
     original_size: tuple[int, int]
     """(height, width) of the image as read from disk."""
     crop_top_left: tuple[int, int]
     """(top, left) of the crop in the resized image."""
     target_size: tuple[int, int]
-    """(height, width) of the crop."""
+    """(height, width) of the crop: the square, or the image's bucket."""
 
     def as_time_ids(self) -> list[int]:
         """SDXL's six micro-conditioning numbers, in its order."""

@@ -111,13 +111,14 @@ def train(run: Run) -> RunResult:
     )
     models = run.trained.snapshot_parts(run.components, text_encoders)
 
-    order = DataOrder(len(run.instance), len(run.classes), cfg.seed)
+    buckets = [e.bucket for e in run.instance]
+    order = DataOrder(len(run.instance), len(run.classes), cfg.seed, buckets=buckets)
     step = 0
     snapshot = latest_snapshot(run.state_dir)
     if snapshot is not None and snapshot.fingerprint == run.fingerprint and snapshot.step < run.total_steps:
         updater.load_state_dict(restore_snapshot(snapshot, models))
         step = snapshot.step
-        order = DataOrder(len(run.instance), len(run.classes), cfg.seed, **snapshot.data_order)
+        order = DataOrder(len(run.instance), len(run.classes), cfg.seed, **snapshot.data_order, buckets=buckets)
     elif snapshot is not None:
         run.events.emit(
             "warning",
@@ -139,6 +140,11 @@ def train(run: Run) -> RunResult:
     compiled_blocks = _compile_unet(run, unet, unet_input, autocast, train_te) if cfg.compile_unet else 0
     compile_s = time.perf_counter() - compile_start if cfg.compile_unet else 0.0
     graphed = _graph_kind(run, train_te, weights_dtype, updater)
+    if graphed and len(shapes := _batch_shapes(run)) > 1:
+        graphed = None
+        run.events.emit("warning", message=f"The instance images fall in {len(shapes)} aspect-ratio buckets and a "
+                        "CUDA graph records one shape, so the UNet runs without CUDA graphs. Crop the photos to one "
+                        "aspect ratio, or turn aspect_buckets off, to use them.")
     step_graph: StepGraph | None = None
     if graphed:
         try:
@@ -206,8 +212,9 @@ def train(run: Run) -> RunResult:
             for _ in range(run.parallel.world - run.parallel.rank - 1):
                 order.next_batch(cfg.batch_size)
             batch = [run.instance[i] for i in instance_ids] + [run.classes[i] for i in class_ids]
+            shape = batch[0].bucket  # one bucket per batch; the class images are cropped to it
             flips = [cfg.hflip and rng.random() < 0.5 for _ in batch]
-            latents, geometries = run.latents.sample([e.path for e in batch], flips, rng, generator)
+            latents, geometries = run.latents.sample([e.path for e in batch], flips, shape, rng, generator)
             conditioning = run.prompts([e.prompt for e in batch], trainable=train_te, geometries=geometries)
             noised = add_noise(latents, scheduler, generator, cfg.offset_noise)
             weights = (
@@ -308,30 +315,32 @@ def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: U
 
 def _compile_unet(run: Run, unet, unet_input: dict, autocast, train_te: bool) -> int:
     """Wrap the UNet's blocks for torch.compile and compile them now, with one forward and backward on a batch
-    of this run's shape (gradients to the input only: no weight sees them); returns the blocks compiled, or 0 --
-    with a warning, and the UNet as it was -- when the compiler fails (no Triton, no C++ compiler, an unsupported
-    op, a torch before 2.2)."""
+    of each of this run's shapes (gradients to the input only: no weight sees them); returns the blocks compiled, or
+    0 -- with a warning, and the UNet as it was -- when the compiler fails (no Triton, no C++ compiler, an
+    unsupported op, a torch before 2.2)."""
     if not hasattr(torch.nn.Module, "compile"):
         run.events.emit("warning", message=f"compile_unet needs torch 2.2 or later (this is {torch.__version__}); "
                         "the UNet runs as usual.")
         return 0
-    example = _example_batch(run, unet, unet_input)
-    sample = example["sample"].detach().requires_grad_()
-    # the text conditioning needs gradients as in training, or a step would recompile
-    conditioning = Conditioning.from_tensors(
-        {k: v.detach().requires_grad_(train_te and k != "time_ids") for k, v in _conditioning_of(example).items()}
-    )
+    examples = [_example_batch(run, unet, unet_input, shape) for shape in _batch_shapes(run)]
     run.events.emit("status", message="Compiling the UNet (minutes on a first run)")
     checks: list = []
     try:
         if not run.parallel.active:  # several processes stop together, at the training loop's agreed cancel
             checks = _cancel_checks_between_blocks(unet, run.cancel_requested)
-        count = compile_blocks(unet)
+        count = compile_blocks(unet, shapes=len(examples))
         if _is_channels_last(unet):  # the NCHW UNet (the CPU) keeps the plain norms
             channels_last_group_norms(unet)
-        with autocast:
-            prediction = unet(sample, example["timesteps"], **conditioning.unet_kwargs()).sample
-        torch.autograd.grad(prediction.float().square().mean(), sample)
+        for example in examples:  # each bucket's shape now, not minutes into training
+            sample = example["sample"].detach().requires_grad_()
+            # the text conditioning needs gradients as in training, or a step would recompile
+            parts = _conditioning_of(example)
+            conditioning = Conditioning.from_tensors(
+                {k: v.detach().requires_grad_(train_te and k != "time_ids") for k, v in parts.items()}
+            )
+            with autocast:
+                prediction = unet(sample, example["timesteps"], **conditioning.unet_kwargs()).sample
+            torch.autograd.grad(prediction.float().square().mean(), sample)
     except Exception as exc:  # noqa: BLE001 -- any compiler failure: the uncompiled UNet still trains
         uncompile_blocks(unet)
         plain_group_norms(unet)
@@ -370,7 +379,7 @@ def _cancel_checks_between_blocks(unet, cancel_requested: Callable[[], bool]) ->
 def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGraph:
     """Record forward, loss, backward and the fused UNet update for this run's fixed batch shape."""
     cfg = run.config
-    example = _example_batch(run, unet, unet_input)
+    example = _example_batch(run, unet, unet_input, _batch_shapes(run)[0])
     example["target"] = torch.randn(example["sample"].shape, device=run.device)
     if cfg.min_snr_gamma:
         example["weights"] = torch.ones(example["sample"].shape[0], device=run.device)
@@ -386,13 +395,19 @@ def _capture_step(run: Run, unet, updater: Updater, unet_input: dict) -> StepGra
     return capture_step(loss_of, updater.backward_step, example)
 
 
-def _example_batch(run: Run, unet, unet_input: dict) -> dict[str, torch.Tensor]:
-    """Random UNet inputs of this run's fixed batch shape, dtypes and memory format, for recording a graph."""
+def _batch_shapes(run: Run) -> list[tuple[int, int]]:
+    """The (height, width) of this run's batches: one per aspect-ratio bucket its instance images use."""
+    return sorted({e.bucket or (run.config.resolution,) * 2 for e in run.instance})
+
+
+def _example_batch(run: Run, unet, unet_input: dict, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Random UNet inputs of this run's batch size, dtypes and memory format for images of ``shape`` ((height,
+    width) in pixels), for recording a graph or compiling."""
     cfg = run.config
     rows = cfg.batch_size * (2 if run.classes else 1)
-    size = cfg.resolution // 8
+    height, width = shape[0] // 8, shape[1] // 8
     return {
-        "sample": torch.randn(rows, unet.config.in_channels, size, size, device=run.device).to(**unet_input),
+        "sample": torch.randn(rows, unet.config.in_channels, height, width, device=run.device).to(**unet_input),
         "timesteps": torch.randint(0, 1000, (rows,), device=run.device),
         **run.prompts([run.instance[0].prompt] * rows, trainable=False).to(unet_input["dtype"]).tensors(),
     }
@@ -416,7 +431,7 @@ def _step_inputs(noised, conditioning: Conditioning, weights: torch.Tensor | Non
 
 def _capture(run: Run, unet, updater: Updater, unet_input: dict) -> Callable:
     """Record the UNet's forward and backward for this run's fixed batch shape, then clear the warm-up gradients."""
-    example = _example_batch(run, unet, unet_input)
+    example = _example_batch(run, unet, unet_input, _batch_shapes(run)[0])
     names = list(_conditioning_of(example))
     graphed = graph_denoiser(unet, example["sample"], example["timesteps"], {n: example[n] for n in names})
     if updater.flat_optimizer is not None and updater.flat.grad is not None:

@@ -34,10 +34,12 @@ def compile_blocks(
         "Upsample2D",
     ),
     mode: str | None = None,
+    shapes: int = 1,
 ) -> int:
     """Compile each repeated block in place (``nn.Module.compile``) instead of the whole model: blocks of one
     class share compiled code, so compilation takes a fraction of a whole-model compile, and each block's
-    backward is its own graph (gradient hooks fire block by block). Outer-most matches win; returns the count."""
+    backward is its own graph (gradient hooks fire block by block). Outer-most matches win; returns the count.
+    ``shapes``: how many input shapes the model will see (aspect-ratio buckets), each compiled on its own."""
     count = 0
 
     def visit(parent: torch.nn.Module) -> None:
@@ -50,7 +52,7 @@ def compile_blocks(
                 visit(child)
 
     visit(module)
-    _allow_recompiles(count)
+    _allow_recompiles(count * shapes)
     return count
 
 
@@ -83,8 +85,8 @@ def blocks_uncompiled(module: torch.nn.Module) -> Iterator[None]:
 
 def _allow_recompiles(count: int) -> None:
     """Blocks of one class share a code object, and each shape among them is its own compiled graph: past
-    dynamo's recompile limit (8) the rest would silently run eagerly, so raise it to one per block. The limit is
-    process-wide; training runs in its own process."""
+    dynamo's recompile limit (8) the rest would silently run eagerly, so raise it to one per block and input shape.
+    The limit is process-wide; training runs in its own process."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, name, count) < count:
