@@ -191,6 +191,9 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
                 **({"train_text_encoder_2": True} if config.train_text_encoder_2 else {}),
                 "optimizer": config.optimizer,
                 "seed": config.seed,
+                # buckets other than the square draw other batches (the square alone draws the order of old)
+                **({"buckets": [list(b) for b in sorted({e.bucket for e in instance})]}
+                   if {e.bucket for e in instance} != {(config.resolution, config.resolution)} else {}),
                 **({"lora": [config.lora_rank, config.lora_alpha, config.lora_layers]} if config.method == "lora"
                    else {}),
                 # another process count draws other batches: its resume point does not continue this run

@@ -328,6 +328,13 @@ def test_a_bucketed_run_resumes_bit_for_bit(make_config, tmp_path, batches_seen)
     a, b = read_tensors(straight.checkpoints[-1]), read_tensors(resumed.checkpoints[-1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # turned off, the buckets no longer draw the batches: that resume point does not continue it (a fresh start)
+    squares = tmp_path / "c" / "zwx"
+    assert run(config, squares, Events(on_event=lambda e: e["event"] == "step" and e["step"] == 2
+                                       and (squares / CANCEL_FILE).touch())).step == 2
+    unbucketed = config.__class__.from_dict({**config.to_dict(), "aspect_buckets": False})
+    assert len(run(unbucketed, squares, Events()).losses) == 4
+
 
 def test_compile_unet_runs_every_buckets_shape_before_the_first_step(make_config, tmp_path, monkeypatch):
     """Blocks compile with static shapes, so each bucket's shape is a compile of its own: all of them run before
