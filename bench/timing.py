@@ -6,6 +6,11 @@ Only those three calls synchronise; the others cost a counter increment. ``peak_
 peak ``torch.cuda.max_memory_allocated``; ``peak_before_steps_bytes`` the part before step 0 (loading, caching,
 recording, compiling) and ``peak_steps_bytes`` the steps' own (the peak statistics are reset at step 0). Times
 are ``time.time()`` so the orchestrator can subtract its own launch time.
+
+``phase(name)`` (optional) splits the time before step 0 further: each phase's peak is recorded as
+``peak_phase_<name>_bytes`` (allocated) and ``reserved_phase_<name>_bytes`` (the caching allocator's reserve, which
+also holds a CUDA graph's private pool: a recorded step replays into memory that ``max_memory_allocated`` no longer
+counts once the recording is over). ``peak_reserved_bytes`` is the whole process's reserve at its peak.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class StepClock:
         self.path, self.warmup, self.timed = Path(path), warmup, timed
         self.marks: dict[str, float] = {}
         self.index = 0
+        self.current_phase = "start"
+        self.before_allocated = self.before_reserved = 0.0
 
     def _mark(self, name: str) -> None:
         if torch.cuda.is_available():
@@ -47,8 +54,9 @@ class StepClock:
         i = self.index
         self.index += 1
         if i == 0 and torch.cuda.is_available():  # what loading and caching took, then the steps' own peak
-            self.marks["peak_before_steps_bytes"] = float(torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
+            self._close_phase()
+            self.marks["peak_before_steps_bytes"] = self.before_allocated
+            self.marks["peak_reserved_before_steps_bytes"] = self.before_reserved
         if i == 1:
             self._mark("first_step_done")
         if i == self.warmup:
@@ -59,6 +67,25 @@ class StepClock:
                 self.marks["peak_steps_bytes"] = float(torch.cuda.max_memory_allocated())
                 self.marks["peak_bytes"] = max(self.marks["peak_steps_bytes"],
                                                self.marks.get("peak_before_steps_bytes", 0.0))
+                self.marks["peak_reserved_bytes"] = max(float(torch.cuda.max_memory_reserved()),
+                                                        self.marks.get("peak_reserved_before_steps_bytes", 0.0))
+
+    def phase(self, name: str) -> None:
+        """Call where a phase before step 0 starts (loading, caching, recording …): the phase before it ends."""
+        if self.index or not torch.cuda.is_available():
+            return
+        self._close_phase()
+        self.current_phase = name
+
+    def _close_phase(self) -> None:
+        """Record the current phase's peaks (the larger one if the phase ran before) and restart the statistics."""
+        allocated, reserved = float(torch.cuda.max_memory_allocated()), float(torch.cuda.max_memory_reserved())
+        for key, value in ((f"peak_phase_{self.current_phase}_bytes", allocated),
+                           (f"reserved_phase_{self.current_phase}_bytes", reserved)):
+            self.marks[key] = max(value, self.marks.get(key, 0.0))
+        self.before_allocated = max(self.before_allocated, allocated)
+        self.before_reserved = max(self.before_reserved, reserved)
+        torch.cuda.reset_peak_memory_stats()
 
     def mark(self, name: str, value: float | None = None) -> None:
         """Record another point (synchronised) or a value."""

@@ -36,6 +36,8 @@ from .train.trained import trained_weights
 T = TypeVar("T")
 
 CLASS_BATCH = 4
+PROMPT_BATCH = 8
+"""Prompts encoded at a time for the embedding cache (each keeps every layer's hidden states while it runs)."""
 
 
 def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
@@ -155,8 +157,10 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         config.cache_text_embeddings and not (config.train_text_encoder or config.train_text_encoder_2),
     )
     if prompts.use_cache:
+        unique = list(dict.fromkeys(e.prompt for e in instance + classes))
         with _on_device(components.text_encoders.values(), device, stay=False):
-            prompts([e.prompt for e in instance + classes], trainable=False)
+            for start in range(0, len(unique), PROMPT_BATCH):
+                prompts(unique[start : start + PROMPT_BATCH], trainable=False)
 
     # the parts the steps run arrive only now, after every cache is made and what made it has left the device
     text_encoders = trained_text_encoders(config, components) if config.text_encoder_stop > 0 else {}  # as train()
