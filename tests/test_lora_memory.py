@@ -94,7 +94,7 @@ def test_each_model_is_on_the_device_only_while_it_works(make_config, tmp_path, 
     """Caches on: class images with every model there (fp32), then the VAE alone for latents, the text encoder alone
     for embeddings, the UNet alone for the steps; previews borrow the VAE and the text encoder and give them back."""
     residency = Residency(monkeypatch)
-    config = _lora_config(make_config, max_steps=2, sample_every=1, sample_steps=1, concept={"num_class_images": 1})
+    config = _lora_config(make_config, max_steps=2, sample_every=2, sample_steps=1, concept={"num_class_images": 1})
     run(config, tmp_path / "zwx", Events())
     every = frozenset({"unet", "vae", "text_encoder"})
     assert residency.during("class images") == {every}
