@@ -272,3 +272,29 @@ def test_a_lora_run_on_fp8_base_weights_learns_like_one_on_bf16(make_config, tmp
     assert len(previews) == 1
     started = next(e for e in runs["fp8"][1] if e["event"] == "started")
     assert started["weights"] == "bfloat16"
+
+
+def test_sdxl_text_encoders_that_train_keep_their_frozen_weights_in_fp8_too(make_config, tiny_sdxl, tmp_path,
+                                                                             monkeypatch):
+    """Text encoders that stay on the device for the steps (here both train) hold their frozen weights in float8
+    beside their adapters, as the UNet does; both learn."""
+    seen = {}
+    original = engine.train
+
+    def inspect(run_):
+        for name, model in {"unet": run_.components.unet, **run_.components.text_encoders}.items():
+            base = [p for n, p in model.named_parameters() if "lora_" not in n and p.dim() == 2]
+            seen[name] = sum(is_fp8(p) for p in base) / len(base)
+        return original(run_)
+
+    monkeypatch.setattr(engine, "train", inspect)
+    config = _lora_config(make_config, source_checkpoint=str(tiny_sdxl.path),
+                          model_config_dir=str(tiny_sdxl.config_dir), max_steps=2, prior_preservation=False,
+                          lora_base_precision="fp8", train_text_encoder=True, text_encoder_lr=1e-2,
+                          train_text_encoder_2=True, text_encoder_2_lr=1e-2)
+    result = run(config, tmp_path / "zwx", Events())
+    assert set(seen) == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(share > 0.8 for share in seen.values()), seen  # the 2-D weights but the embeddings
+    layers, _ = read_lora(result.checkpoints[-1])
+    assert {stem.split("_")[1] for stem in layers} == {"unet", "te1", "te2"}
+    assert all(layer.up.abs().max() > 0 for layer in layers.values())
