@@ -137,6 +137,45 @@ def engine_command(mode: str, a, model: Path, instance: Path, klass: Path, timin
     ]
 
 
+PHASES = {
+    ("dreambooth.engine", "generate_class_images"): "class_images",
+    ("dreambooth.data.cache", "ImageLatents.prepare"): "cache_latents",
+    ("dreambooth.data.cache", "PromptEmbeddings.__call__"): "cache_embeddings",
+    ("dreambooth.train.trained", "FullWeights.place"): "place",
+    ("dreambooth.train.trained", "LoraAdapters.place"): "place",
+    ("dreambooth.train.loop", "_compile_unet"): "compile",
+    ("dreambooth.train.loop", "_capture"): "record_graph",
+    ("dreambooth.train.loop", "_capture_step"): "record_graph",
+}
+"""Functions whose call starts a phase before step 0 (``StepClock.phase``: each phase's own peak); the phase before
+the first of them is 'start' (imports, loading). Those this version of the engine lacks are skipped."""
+ONCE = {"cache_embeddings"}
+"""Phases started by their function's first call only (the step graph's recording asks for embeddings too)."""
+
+
+def _phases(clock: StepClock) -> None:
+    import importlib
+
+    fired: set[str] = set()
+    for (module_name, path), phase in PHASES.items():
+        owner = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        original = getattr(owner, name, None) if owner is not None else None
+        if original is None or (parents and name not in vars(owner)):
+            continue
+
+        def started(*args, _original=original, _phase=phase, **kwargs):
+            if _phase not in fired:
+                clock.phase(_phase)
+            if _phase in ONCE:
+                fired.add(_phase)
+            return _original(*args, **kwargs)
+
+        setattr(owner, name, started)
+
+
 def main() -> None:
     """Patch the clock in, then run the engine's command line."""
     timing_path, warmup, timed, config_path, *rest = sys.argv[1:]
@@ -174,6 +213,7 @@ def main() -> None:
         return result
 
     lora_export.save_lora = timed_save_lora
+    _phases(clock)
     from dreambooth.__main__ import main as cli
 
     try:

@@ -68,6 +68,8 @@ ENGINE_COMMON = {
     "log_every": 5,
 }
 LOWMEM = {"optimizer": "adamw_8bit", "gradient_checkpointing": True, "optimizer_in_backward": True}
+FP8 = {"lora_base_precision": "fp8"}
+"""Frozen base weights in float8 (the engine's ``train/speed/float8.py``; kohya's ``--fp8_base``)."""
 ENGINE_MODES: dict[str, tuple[str, dict]] = {
     # the engine's defaults (weights_dtype/mixed_precision auto: bf16 weights on the flat path, CUDA graphs on)
     "sd15-default": ("sd15", {}),
@@ -84,12 +86,21 @@ ENGINE_MODES: dict[str, tuple[str, dict]] = {
     "sd15-attn-ckpt": ("sd15", {"lora_layers": "attention", "gradient_checkpointing": True}),
     "sd15-attn-lowmem": ("sd15", {"lora_layers": "attention", **LOWMEM}),
     "sd15-attn-compiled": ("sd15", {"lora_layers": "attention", "compile_unet": True}),
+    "sd15-attn-fp8": ("sd15", {"lora_layers": "attention", **FP8}),
+    "sd15-attn-lowmem-fp8": ("sd15", {"lora_layers": "attention", **LOWMEM, **FP8}),
     "sdxl-default": ("sdxl", {}),
     "sdxl-attn": ("sdxl", {"lora_layers": "attention"}),
     "sdxl-attn-ckpt": ("sdxl", {"lora_layers": "attention", "gradient_checkpointing": True}),
     "sdxl-attn-lowmem": ("sdxl", {"lora_layers": "attention", **LOWMEM}),
     "sdxl-lowmem": ("sdxl", LOWMEM),
+    "sdxl-attn-fp8": ("sdxl", {"lora_layers": "attention", **FP8}),
+    "sdxl-attn-lowmem-fp8": ("sdxl", {"lora_layers": "attention", **LOWMEM, **FP8}),
+    "sdxl-attn-ckpt-fp8": ("sdxl", {"lora_layers": "attention", "gradient_checkpointing": True, **FP8}),
 }
+MEMORY = ["engine:sd15-attn", "engine:sd15-attn-lowmem", "engine:sd15-attn-fp8", "engine:sd15-attn-lowmem-fp8",
+          "engine:sdxl-attn-lowmem", "engine:sdxl-attn-lowmem-fp8", "engine:sdxl-attn-fp8"]
+"""``--memory``: issue 16's memory targets (SD 1.5 ≤ 2.5 GB, SDXL ≤ 5 GB at batch 1), with each phase's own peak
+(loading, caching latents and embeddings, placing the UNet, recording the graph) and the allocator's reserve."""
 SWEEP = ["sd15-default", "sd15-no-graphs", "sd15-in-backward", "sd15-compiled", "sd15-8bit", "sd15-fp32", "sd15-ckpt",
          "sd15-lowmem", "sd15-te", "sd15-attn", "sd15-conv"]
 
@@ -119,10 +130,11 @@ PAIRS = [
     ("SD 1.5, reference with its text embeddings precomputed", "reference:sd15-bf16-precompute",
      ["engine:sd15-attn", "engine:sd15-attn-lowmem"]),
     ("SD 1.5, reference with checkpointing", "reference:sd15-bf16-ckpt",
-     ["engine:sd15-attn-lowmem", "engine:sd15-attn-ckpt"]),
-    ("SDXL", "reference:sdxl-bf16", ["engine:sdxl-attn", "engine:sdxl-attn-lowmem", "engine:sdxl-attn-ckpt"]),
+     ["engine:sd15-attn-lowmem", "engine:sd15-attn-ckpt", "engine:sd15-attn-lowmem-fp8"]),
+    ("SDXL", "reference:sdxl-bf16", ["engine:sdxl-attn", "engine:sdxl-attn-lowmem", "engine:sdxl-attn-ckpt",
+                                     "engine:sdxl-attn-fp8", "engine:sdxl-attn-lowmem-fp8"]),
     ("SDXL, reference with checkpointing", "reference:sdxl-bf16-ckpt",
-     ["engine:sdxl-attn-lowmem", "engine:sdxl-attn-ckpt"]),
+     ["engine:sdxl-attn-lowmem", "engine:sdxl-attn-ckpt", "engine:sdxl-attn-lowmem-fp8"]),
 ]
 """Ratios reported: each of ours against the reference mode named first."""
 
@@ -283,9 +295,15 @@ def summarize(name: str, timing: dict, launch: float, rc: int, wall: float, step
     if "timed_start" in timing and "timed_end" in timing:
         row["steps_per_s"] = round(steps / (timing["timed_end"] - timing["timed_start"]), 3)
     for key, field in (("peak_bytes", "peak_gb"), ("peak_steps_bytes", "steps_peak_gb"),
-                       ("peak_before_steps_bytes", "before_steps_peak_gb")):
+                       ("peak_before_steps_bytes", "before_steps_peak_gb"), ("peak_reserved_bytes", "reserved_gb")):
         if key in timing:
             row[field] = round(timing[key] / 1e9, 3)
+    phases = {key.removeprefix("peak_phase_").removesuffix("_bytes"): round(value / 1e9, 3)
+              for key, value in timing.items() if key.startswith("peak_phase_")}
+    if phases:
+        row["phase_peaks_gb"] = phases
+        row["phase_reserved_gb"] = {key.removeprefix("reserved_phase_").removesuffix("_bytes"): round(value / 1e9, 3)
+                                    for key, value in timing.items() if key.startswith("reserved_phase_")}
     if "first_step_done" in timing:
         row["first_step_s"] = round(timing["first_step_done"] - launch, 1)
     if "save_start" in timing and "save_end" in timing:
@@ -374,15 +392,16 @@ def environment() -> dict:
 
 
 def table(rows: list[dict], env: dict) -> str:
-    head = ("| run | rc | steps/s | peak GB | steps' peak GB | first step s | save s | LoRA MB | up ≠ 0 "
-            "| losses finite | engine ran |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+    head = ("| run | rc | steps/s | peak GB | steps' peak GB | reserved GB | first step s | save s | LoRA MB | up ≠ 0 "
+            "| losses finite | engine ran |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
     lines = []
     for r in rows:
         s = r.get("started") or {}
         ran = (f"{s.get('weights')}/{s.get('precision')}, {s.get('optimizer')}, graphs {s.get('cuda_graphs')}, "
                f"ckpt {s.get('gradient_checkpointing')}, compiled {s.get('compiled_blocks')}") if s else "–"
         lines.append(f"| {r['run']} | {r['rc']} | {r.get('steps_per_s', '–')} | {r.get('peak_gb', '–')} | "
-                     f"{r.get('steps_peak_gb', '–')} | {r.get('first_step_s', '–')} | {r.get('save_s', '–')} | "
+                     f"{r.get('steps_peak_gb', '–')} | {r.get('reserved_gb', '–')} | {r.get('first_step_s', '–')} | "
+                     f"{r.get('save_s', '–')} | "
                      f"{r.get('lora_mb', '–')} | "
                      f"{r.get('lora_up_nonzero', '–')}/{r.get('lora_up_tensors', '–')} | {r.get('losses_finite')} | "
                      f"{ran} |")
@@ -394,6 +413,10 @@ def table(rows: list[dict], env: dict) -> str:
                 notes.append(f"- {label}: {name} / {ref} = **{by[name]['steps_per_s'] / by[ref]['steps_per_s']:.2f}×** "
                              f"steps/s (peak {by[name].get('peak_gb')} GB vs {by[ref].get('peak_gb')} GB; steps' own "
                              f"{by[name].get('steps_peak_gb')} vs {by[ref].get('steps_peak_gb')} GB)")
+    for r in rows:
+        if r.get("phase_peaks_gb"):
+            notes.append(f"- {r['run']}: peak per phase (GB, allocated / reserved): " + ", ".join(
+                f"{k} {v} / {r['phase_reserved_gb'].get(k, '–')}" for k, v in r["phase_peaks_gb"].items()))
     envline = ", ".join(f"{k} {v}" for k, v in env.items())
     return f"{envline}\n\n{head}" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
@@ -411,6 +434,7 @@ def main() -> None:
     ap.add_argument("--reference-dir", type=Path, default=REPO / "build" / "reference")
     ap.add_argument("--runs", nargs="+", default=[])
     ap.add_argument("--sweep", action="store_true", help="add every SWEEP mode; 10 + 20 steps, 20 class images")
+    ap.add_argument("--memory", action="store_true", help="add every MEMORY mode")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--class-images", type=int, default=200)
@@ -423,6 +447,8 @@ def main() -> None:
     if a.sweep:
         a.runs = [*a.runs, *(f"engine:{m}" for m in SWEEP)]
         a.warmup, a.steps, a.class_images = 10, 20, min(a.class_images, 20)
+    if a.memory:
+        a.runs = [*a.runs, *(r for r in MEMORY if r not in a.runs)]
     if a.tiny and not a.resolution:
         a.resolution = 64
 

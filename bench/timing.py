@@ -8,6 +8,11 @@ recording, compiling) and ``peak_steps_bytes`` the steps' own (the peak statisti
 are ``time.time()`` so the orchestrator can subtract its own launch time. With ``exit_when_timed`` the clock
 writes its file and ends the process at the start of step ``warmup + timed`` (``os._exit``: no final save, no
 orderly shutdown of loader workers), so a benchmark spends no time on what it does not measure.
+
+``phase(name)`` (optional) splits the time before step 0 further: each phase's peak is recorded as
+``peak_phase_<name>_bytes`` (allocated) and ``reserved_phase_<name>_bytes`` (the caching allocator's reserve, which
+also holds a CUDA graph's private pool: a recorded step replays into memory that ``max_memory_allocated`` no longer
+counts once the recording is over). ``peak_reserved_bytes`` is the whole process's reserve at its peak.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class StepClock:
         self.extra = extra
         self.marks: dict[str, float] = {}
         self.index = 0
+        self.current_phase = "start"
+        self.before_allocated = self.before_reserved = 0.0
 
     def _mark(self, name: str) -> None:
         if torch.cuda.is_available():
@@ -53,8 +60,9 @@ class StepClock:
         i = self.index
         self.index += 1
         if i == 0 and torch.cuda.is_available():  # what loading and caching took, then the steps' own peak
-            self.marks["peak_before_steps_bytes"] = float(torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
+            self._close_phase()
+            self.marks["peak_before_steps_bytes"] = self.before_allocated
+            self.marks["peak_reserved_before_steps_bytes"] = self.before_reserved
         if i == 1:
             self._mark("first_step_done")
             self.write()  # kept if the process dies or runs out of time later
@@ -66,11 +74,30 @@ class StepClock:
                 self.marks["peak_steps_bytes"] = float(torch.cuda.max_memory_allocated())
                 self.marks["peak_bytes"] = max(self.marks["peak_steps_bytes"],
                                                self.marks.get("peak_before_steps_bytes", 0.0))
+                self.marks["peak_reserved_bytes"] = max(float(torch.cuda.max_memory_reserved()),
+                                                        self.marks.get("peak_reserved_before_steps_bytes", 0.0))
             if self.exit_when_timed:
                 self.write(exited_after_timed=True)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)
+
+    def phase(self, name: str) -> None:
+        """Call where a phase before step 0 starts (loading, caching, recording …): the phase before it ends."""
+        if self.index or not torch.cuda.is_available():
+            return
+        self._close_phase()
+        self.current_phase = name
+
+    def _close_phase(self) -> None:
+        """Record the current phase's peaks (the larger one if the phase ran before) and restart the statistics."""
+        allocated, reserved = float(torch.cuda.max_memory_allocated()), float(torch.cuda.max_memory_reserved())
+        for key, value in ((f"peak_phase_{self.current_phase}_bytes", allocated),
+                           (f"reserved_phase_{self.current_phase}_bytes", reserved)):
+            self.marks[key] = max(value, self.marks.get(key, 0.0))
+        self.before_allocated = max(self.before_allocated, allocated)
+        self.before_reserved = max(self.before_reserved, reserved)
+        torch.cuda.reset_peak_memory_stats()
 
     def mark(self, name: str, value: float | None = None) -> None:
         """Record another point (synchronised) or a value."""

@@ -7,11 +7,12 @@ what to do, then propagate.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,6 +39,8 @@ from .train.trained import trained_weights
 T = TypeVar("T")
 
 CLASS_BATCH = 4
+PROMPT_BATCH = 8
+"""Prompts encoded at a time for the embedding cache (each keeps every layer's hidden states while it runs)."""
 
 
 def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
@@ -106,7 +109,11 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
     instance = assign_buckets(instance, config.resolution, config.aspect_buckets)
     if config.aspect_buckets:
         events.emit("status", message=f"Aspect-ratio buckets (width x height): {describe_buckets(instance)}")
+    trained = trained_weights(config)
 
+    # Preparing moves each model to the device only while it works, so the device's peak is the largest phase's
+    # (class images: every model in fp32; caching latents: the VAE; caching embeddings: the text encoders; training:
+    # the UNet and whatever the steps run), never their sum.
     def prepare() -> tuple[LoadedModel, list[Example], ImageLatents]:
         events.emit("status", message=f"Loading {config.source_checkpoint}")
         loaded = load_model(
@@ -121,21 +128,11 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         if config.train_text_encoder_2 and "text_encoder_2" not in components.text_encoders:
             events.emit("warning", message=f"train_text_encoder_2 is on, but a {loaded.family.label} model has one "
                         "text encoder; it is ignored.")
-        trained_weights(config).check(components, trained_text_encoders(config, components))
-        for name, module in components.models.items():
-            if name != "unet":  # the UNet goes in its training precision below (or in fp32 for class images)
-                module.to(device)
+        trained.check(components, trained_text_encoders(config, components))
 
         classes = _class_examples(config, loaded, model_dir, device, events, cancel_requested, min_side)
         if cancel_requested():
             raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
-
-        components.unet.to(device, weights_dtype)  # never all of it in fp32 on the GPU when it trains in bf16
-        apply_attention(components.unet, config.attention)
-        if config.gradient_checkpointing:
-            enable_checkpointing(components.unet)
-            for name in trained_text_encoders(config, components):
-                components.text_encoders[name].gradient_checkpointing_enable()
 
         latents = ImageLatents(
             components.vae,
@@ -148,11 +145,12 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
             min_side,
         )
         flips = (False, True) if config.hflip else (False,)
-        latents.prepare(
-            latent_jobs(instance, classes),
-            flips,
-            lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
-        )
+        with _on_device([components.vae], device, stay=not latents.use_cache):  # encodes every step when not cached
+            latents.prepare(
+                latent_jobs(instance, classes),
+                flips,
+                lambda done, total: events.emit("progress", phase="Caching latents", done=done, total=total),
+            )
         return loaded, classes, latents
 
     loaded, classes, latents = _main_first(parallel, device, prepare)
@@ -165,11 +163,25 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         device,
         config.cache_text_embeddings and not (config.train_text_encoder or config.train_text_encoder_2),
     )
+    if prompts.use_cache:
+        unique = list(dict.fromkeys(e.prompt for e in instance + classes))
+        with _on_device(components.text_encoders.values(), device, stay=False):
+            for start in range(0, len(unique), PROMPT_BATCH):
+                prompts(unique[start : start + PROMPT_BATCH], trainable=False)
 
-    helpers = _FrozenHelpers(components, device)
-    if device.type == "cuda" and latents.use_cache and prompts.use_cache:
-        prompts([e.prompt for e in instance + classes], trainable=False)
-        helpers.park()  # the step reads only cached latents and embeddings: free the GPU of VAE and text encoder
+    # the parts the steps run arrive only now, after every cache is made and what made it has left the device
+    text_encoders = trained_text_encoders(config, components) if config.text_encoder_stop > 0 else {}  # as train()
+    resident = [] if prompts.use_cache else list(components.text_encoders)
+    trained.place(components, text_encoders, device, weights_dtype, resident)
+    apply_attention(components.unet, config.attention)
+    if config.gradient_checkpointing:
+        enable_checkpointing(components.unet)
+        for name in trained_text_encoders(config, components):
+            components.text_encoders[name].gradient_checkpointing_enable()
+    helpers = _FrozenHelpers(
+        ([components.vae] if latents.use_cache else []) + ([] if resident else list(components.text_encoders.values())),
+        device,
+    )
 
     output_dir = Path(config.output_dir) if config.output_dir else model_dir / default_output_folder(config)
     write = _save if config.method == "full" else _lora_writer()
@@ -196,6 +208,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
                    if {e.bucket for e in instance} != {(config.resolution, config.resolution)} else {}),
                 **({"lora": [config.lora_rank, config.lora_alpha, config.lora_layers]} if config.method == "lora"
                    else {}),
+                **({"lora_base_precision": "fp8"} if config.lora_base_precision == "fp8" else {}),
                 # another process count draws other batches: its resume point does not continue this run
                 **({"processes": parallel.world} if parallel.active else {}),
             },
@@ -204,7 +217,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
             render_samples=lambda step: helpers.lent(lambda: _samples(config, loaded, model_dir, step)),
             cancel_requested=cancel_file.exists,
             parallel=parallel,
-            trained=trained_weights(config),
+            trained=trained,
         )
     )
     events.emit(
@@ -213,32 +226,40 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
     return outcome
 
 
+HOME = torch.device("cpu")
+"""Where a model waits while the training device does not need it."""
+
+
+@contextlib.contextmanager
+def _on_device(modules: Iterable[torch.nn.Module], device: torch.device, stay: bool) -> Iterator[None]:
+    """``modules`` on ``device`` for the block; back to :data:`HOME` after it unless ``stay``, their memory given
+    back to the device (so each preparing phase's peak stands alone instead of adding to the next one's)."""
+    modules = list(modules)
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if not stay:
+            for module in modules:
+                module.to(HOME)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 class _FrozenHelpers:
-    """The VAE and the frozen text encoders: parked in CPU memory while training needs none of them, lent back to
-    the GPU for sample previews (about 0.8 GB of GPU memory at SD 1.5 size, 1.7 GB at SDXL's)."""
+    """The frozen models that the steps do not run (the VAE when latents are cached, the text encoders when their
+    embeddings are): waiting at :data:`HOME`, lent to the training device for sample previews (about 0.8 GB of GPU
+    memory at SD 1.5 size, 3.6 GB at SDXL's) and sent back after."""
 
-    def __init__(self, components, device: torch.device) -> None:
-        self.modules = (components.vae, *components.text_encoders.values())
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
+        self.modules = modules
         self.device = device
-        self.parked = False
-
-    def park(self) -> None:
-        """Move both to the CPU and give their GPU memory back."""
-        for module in self.modules:
-            module.to("cpu")
-        torch.cuda.empty_cache()
-        self.parked = True
 
     def lent(self, work: Callable[[], T]) -> T:
-        """Run ``work`` with both on the training device, then park them again if they were parked."""
-        if not self.parked:
+        """Run ``work`` with them on the training device, then send them back."""
+        with _on_device(self.modules, self.device, stay=False):
             return work()
-        for module in self.modules:
-            module.to(self.device)
-        try:
-            return work()
-        finally:
-            self.park()
 
 
 def _remove_old_working_copy(model_dir: Path, events: Events) -> None:
@@ -350,17 +371,20 @@ def _class_examples(
         missing = concept.num_class_images - len(paths)
         if missing > 0:
             events.emit("status", message=f"Generating {missing} class images for concepts[{i}]")
-            paths += generate_class_images(
-                lambda: inference_pipeline(loaded.family, _unet_on(loaded.components, device)),
-                concept,
-                folder,
-                missing,
-                config.resolution,
-                CLASS_BATCH,
-                device,
-                lambda done, total: events.emit("progress", phase="Generating class images", done=done, total=total),
-                cancelled,
-            )
+            # the loaded (fp32) models, all on the device while they generate, back home after
+            with _on_device(loaded.components.models.values(), device, stay=False):
+                paths += generate_class_images(
+                    lambda: inference_pipeline(loaded.family, loaded.components),
+                    concept,
+                    folder,
+                    missing,
+                    config.resolution,
+                    CLASS_BATCH,
+                    device,
+                    lambda done, total: events.emit("progress", phase="Generating class images", done=done,
+                                                    total=total),
+                    cancelled,
+                )
         if concept.num_class_images:
             paths = paths[: concept.num_class_images]
         if not paths:
@@ -382,12 +406,6 @@ def _lora_writer() -> Callable[..., Path]:
     from .models.lora_export import save_lora
 
     return save_lora
-
-
-def _unet_on(components, device: torch.device):
-    """``components`` with the UNet moved to ``device`` as it is (fp32: the class-image pipeline runs no autocast)."""
-    components.unet.to(device)
-    return components
 
 
 def _save(config: TrainConfig, loaded: LoadedModel, output_dir: Path, step: int, events: Events) -> Path:

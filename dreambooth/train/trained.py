@@ -24,6 +24,7 @@ from ..models.adapters import (  # noqa: F401 -- trained.UNET_LAYERS etc. stay i
     width_of,
 )
 from ..models.components import Components
+from .speed.float8 import float8_dtype, store_frozen_in_fp8
 
 
 class FullWeights:
@@ -48,15 +49,26 @@ class FullWeights:
     def check(self, components: Components, text_encoders: Collection[str]) -> None:
         """Raise ``ConfigError`` now, before class images and caches, for settings these models cannot train."""
 
+    def place(self, components: Components, text_encoders: Collection[str], device: torch.device,
+              unet_dtype: torch.dtype, resident: Collection[str]) -> None:
+        """Bring what the steps run to ``device``: the UNet in ``unet_dtype`` (cast on the way, so it never sits on
+        the device in its loaded precision), and the text encoders named in ``resident`` as they are."""
+        components.unet.to(device, unet_dtype)
+        for name in resident:
+            components.text_encoders[name].to(device)
+
 
 class LoraAdapters(FullWeights):
     """LoRA adapters of ``rank`` and ``alpha`` on the UNet's ``lora_layers`` and on every trained text encoder's
-    attention and MLP; the models' own weights stay frozen, and a snapshot holds only the adapters."""
+    attention and MLP; the models' own weights stay frozen, and a snapshot holds only the adapters. With
+    ``base_precision`` 'fp8' the frozen weights of what goes to the device are stored in float8
+    (``train/speed/float8.py``)."""
 
     kind = "lora"
 
-    def __init__(self, rank: int, alpha: float, unet_layers: str, seed: int = 0) -> None:
+    def __init__(self, rank: int, alpha: float, unet_layers: str, seed: int = 0, base_precision: str = "weights"):
         self.rank, self.alpha, self.unet_layers, self.seed = rank, alpha, unet_layers, seed
+        self.base_precision = base_precision
 
     def attach(self, components: Components, text_encoders: Collection[str]) -> None:
         """Add the adapters (once) and make only them trainable."""
@@ -79,9 +91,28 @@ class LoraAdapters(FullWeights):
                 **{name: AdapterWeights(components.text_encoders[name]) for name in text_encoders}}
 
     def check(self, components: Components, text_encoders: Collection[str]) -> None:
+        if self.base_precision == "fp8":
+            float8_dtype()
         self._check_rank(components.unet, UNET_LAYERS[self.unet_layers], "the UNet")
         for name in text_encoders:
             self._check_rank(components.text_encoders[name], TEXT_ENCODER_LAYERS, name.replace("_", " "))
+
+    def place(self, components: Components, text_encoders: Collection[str], device: torch.device,
+              unet_dtype: torch.dtype, resident: Collection[str]) -> None:
+        """As :meth:`FullWeights.place`; with an fp8 base, the adapters are added first (in the loaded precision, on
+        the CPU: peft gives a new adapter its base layer's dtype), then the frozen weights of the UNet and of the
+        resident text encoders are stored in float8 (the rest in ``unet_dtype``, resp. the encoder's own dtype)
+        before they move, so the device never holds them in 16 or 32 bits."""
+        if self.base_precision != "fp8":
+            return super().place(components, text_encoders, device, unet_dtype, resident)
+        self.attach(components, text_encoders)
+        store_frozen_in_fp8(components.unet, unet_dtype)
+        components.unet.to(device)
+        for name in resident:
+            encoder = components.text_encoders[name]
+            store_frozen_in_fp8(encoder, next(p for p in encoder.parameters() if p.is_floating_point()).dtype)
+            encoder.to(device)
+        return None
 
     def freeze(self, module: torch.nn.Module) -> None:
         for parameter_name, parameter in module.named_parameters():
@@ -144,7 +175,8 @@ class AdapterWeights:
 def trained_weights(config: TrainConfig) -> FullWeights:
     """The :class:`FullWeights` or :class:`LoraAdapters` a run of ``config`` trains."""
     if config.method == "lora":
-        return LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_layers, config.seed)
+        return LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_layers, config.seed,
+                            config.lora_base_precision)
     return FullWeights()
 
 

@@ -7,4 +7,5 @@
 - :mod:`.backward`  the optimizer step fused into the backward pass, bucket by bucket (no full gradient)
 - :mod:`.layout`    channels_last and torch.compile helpers
 - :mod:`.scalars`   loss/metric values kept on the device, read back every N steps (no host sync per step)
+- :mod:`.float8`    frozen base weights stored in float8, upcast layer by layer (LoRA's ``lora_base_precision: fp8``)
 """
