@@ -28,6 +28,7 @@ from .models.export import SAVE_DTYPES, checkpoint_tensors, modelspec, save_chec
 from .models.load import LoadedModel, load_model
 from .sample import inference_pipeline, render_samples
 from .train.loop import Run, RunResult, train, trained_text_encoders
+from .train.optimizers import optimizer_spec
 from .train.parallel import Parallel, from_environment, leave_process_group
 from .train.speed.step_graph import enable_checkpointing
 from .train.trained import trained_weights
@@ -284,11 +285,12 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 when asked, or for 'auto' on a GPU with bf16 and an AdamW optimizer; fp32 otherwise."""
+    """bf16 when asked, or for 'auto' on a GPU with bf16 where the optimizer runs on bf16 weights (its table entry,
+    ``train/optimizers.py``); fp32 otherwise."""
     if config.weights_dtype == "bf16":
         return torch.bfloat16
     if config.weights_dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16 if config.optimizer in ("adamw", "adamw_8bit") else torch.float32
+        return torch.bfloat16 if optimizer_spec(config.optimizer).runs_on("flat") else torch.float32
     return torch.float32
 
 

@@ -8,28 +8,13 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from .optimizers import optimizer_spec
 
 
-def build_optimizer(config: TrainConfig, groups: list[dict], allow_8bit: bool = True) -> torch.optim.Optimizer:
-    """AdamW (:func:`torch_adamw`), AdamW 8-bit (bitsandbytes) or Adafactor over parameter ``groups``
-    (each ``{"params": [...], "lr": float}``); ``allow_8bit=False`` gives plain AdamW for ``adamw_8bit``."""
-    name = "adamw" if config.optimizer == "adamw_8bit" and not allow_8bit else config.optimizer
-    if name == "adamw":
-        return torch_adamw(groups, adam_arguments(config))
-    if name == "adamw_8bit":
-        return require_bitsandbytes().optim.AdamW8bit(groups, **adam_arguments(config))
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            groups,
-            lr=config.learning_rate,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-            weight_decay=config.weight_decay,
-        )
-    raise ConfigError(f"Unknown optimizer {config.optimizer!r}.")
+def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """The configured optimizer on torch's path (``optimizers.py``: torch's AdamW, bitsandbytes' AdamW8bit or
+    transformers' Adafactor) over parameter ``groups`` (each ``{"params": [...], "lr": float}``)."""
+    return optimizer_spec(config.optimizer).build_torch(groups, config)
 
 
 def torch_adamw(groups: list[dict], arguments: dict) -> torch.optim.AdamW:
@@ -68,7 +53,8 @@ def require_bitsandbytes():
     if bnb is None:
         raise ConfigError(
             "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
-            "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor.",
+            "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor (on bf16 weights AdamW 8-bit "
+            "needs no bitsandbytes for the UNet; a trained text encoder still does).",
         )
     return bnb
 
