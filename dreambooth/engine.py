@@ -124,7 +124,9 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
         if cancel_requested():
             raise Cancelled("Training was cancelled before it started.", "Press Train to start again.")
 
-        components.unet.to(device, weights_dtype)  # never all of it in fp32 on the GPU when it trains in bf16
+        # in its training precision where it is (on the GPU after generating class images, else still on the CPU);
+        # it goes to the GPU once the latents and prompts are cached and the VAE and text encoders parked
+        components.unet.to(dtype=weights_dtype)
         apply_attention(components.unet, config.attention)
         if config.gradient_checkpointing:
             enable_checkpointing(components.unet)
@@ -164,6 +166,7 @@ def _run(config: TrainConfig, model_dir: Path, events: Events, device: torch.dev
     if device.type == "cuda" and latents.use_cache and prompts.use_cache:
         prompts([e.prompt for e in instance + classes], trainable=False)
         helpers.park()  # the step reads only cached latents and embeddings: free the GPU of VAE and text encoder
+    components.unet.to(device)  # after the park: the UNet never shares the GPU with the VAE's caching or the encoders
 
     output_dir = Path(config.output_dir) if config.output_dir else model_dir / default_output_folder(config)
     write = _save if config.method == "full" else _lora_writer()
