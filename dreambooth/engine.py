@@ -57,8 +57,9 @@ def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     except torch.cuda.OutOfMemoryError as exc:
         advice = OutOfMemoryAdvice(
             "The GPU ran out of memory.",
-            "Turn on gradient checkpointing, use AdamW 8-bit, turn off text-encoder training, lower the batch size "
-            "or the resolution, and close other programs that use the GPU.",
+            "Turn on gradient checkpointing and the fused optimizer step (optimizer_in_backward), use Adafactor (the "
+            "least optimizer memory) or AdamW 8-bit, turn off text-encoder training, lower the batch size or the "
+            "resolution, and close other programs that use the GPU.",
         )
         events.emit("error", kind="OutOfMemoryAdvice", message=advice.message, advice=advice.advice)
         raise advice from exc
