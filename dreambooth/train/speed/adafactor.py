@@ -48,14 +48,20 @@ def factored_update_(
 ) -> None:
     """One Adafactor step in place on a parameter seen as ``(A, R, C, D)`` with row statistics ``(A, R, D)`` and
     column statistics ``(A, C, D)``; ``beta2t``, ``lr`` and ``grad_scale`` are 0-d fp32 device tensors. bf16
-    ``param`` is written with stochastic rounding, fp32 exactly."""
+    ``param`` is written with stochastic rounding, fp32 exactly. Uncompiled, at most three fp32 copies of the
+    parameter are alive at once (each temporary is dropped or overwritten as soon as it is used)."""
     g = grad.float() * grad_scale
-    squared = g * g + eps
+    squared = g.square().add_(eps)
     new_row = row * beta2t + squared.mean(dim=2) * (1.0 - beta2t)
     new_col = col * beta2t + squared.mean(dim=1) * (1.0 - beta2t)
+    del squared
     row_factor = (new_row / new_row.mean(dim=1, keepdim=True)).rsqrt().unsqueeze(2)
     col_factor = new_col.unsqueeze(1).rsqrt()
-    _apply_(param, (row_factor * col_factor) * g, lr, clip_threshold, weight_decay)
+    update = (row_factor * col_factor).mul_(g)
+    del g
+    new = _new_weights(param, update, lr, clip_threshold, weight_decay)
+    del update
+    copy_stochastic_(param, new)
     row.copy_(new_row)
     col.copy_(new_col)
 
@@ -73,21 +79,25 @@ def unfactored_update_(
 ) -> None:
     """One Adafactor step in place on a 1-D parameter with its full second moment ``exp_avg_sq``."""
     g = grad.float() * grad_scale
-    new = exp_avg_sq * beta2t + (g * g + eps) * (1.0 - beta2t)
-    _apply_(param, new.rsqrt() * g, lr, clip_threshold, weight_decay)
-    exp_avg_sq.copy_(new)
+    new_sq = exp_avg_sq * beta2t + g.square().add_(eps) * (1.0 - beta2t)
+    update = new_sq.rsqrt().mul_(g)
+    del g
+    new = _new_weights(param, update, lr, clip_threshold, weight_decay)
+    del update
+    copy_stochastic_(param, new)
+    exp_avg_sq.copy_(new_sq)
 
 
-def _apply_(param: torch.Tensor, update: torch.Tensor, lr: torch.Tensor, clip_threshold: float,
-            weight_decay: float) -> None:
-    """Clip ``update`` to an RMS of ``clip_threshold``, scale it by ``lr`` and take it (after the decay) from
-    ``param``, in transformers' order of operations."""
+def _new_weights(param: torch.Tensor, update: torch.Tensor, lr: torch.Tensor, clip_threshold: float,
+                 weight_decay: float) -> torch.Tensor:
+    """``param`` in fp32 after the step: ``update`` (overwritten) clipped to an RMS of ``clip_threshold`` and scaled
+    by ``lr``, taken from the decayed weights, in transformers' order of operations."""
     rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
-    update = update / (rms / clip_threshold).clamp(min=1.0) * lr
-    p = param.float()
+    update.div_((rms / clip_threshold).clamp(min=1.0)).mul_(lr)
+    p = param.float() if param.dtype != torch.float32 else param.clone()
     if weight_decay:
-        p = p + p * (-weight_decay * lr)
-    copy_stochastic_(param, p - update)
+        p.addcmul_(p, -weight_decay * lr)  # p + (-wd*lr)*p: transformers' p.add_(p, alpha=-wd*lr)
+    return p.sub_(update)
 
 
 @dataclass(frozen=True)
