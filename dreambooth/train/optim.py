@@ -1,4 +1,4 @@
-"""The optimizer and learning-rate schedule a config asks for."""
+"""The torch optimizer and the learning-rate schedule a config asks for (each optimizer's builders: optimizers.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Iterable
 import torch
 
 from ..config import TrainConfig
-from ..errors import ConfigError
 from .optimizers import optimizer_spec
 
 
@@ -15,16 +14,6 @@ def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
     """The configured optimizer on torch's path (``optimizers.py``: torch's AdamW, bitsandbytes' AdamW8bit or
     transformers' Adafactor) over parameter ``groups`` (each ``{"params": [...], "lr": float}``)."""
     return optimizer_spec(config.optimizer).build_torch(groups, config)
-
-
-def torch_adamw(groups: list[dict], arguments: dict) -> torch.optim.AdamW:
-    """torch's AdamW as one fused kernel where this torch has one for the weights' device (CUDA; the CPU since
-    torch 2.4), else its multi-tensor form. torch's own default on a CPU is a Python loop over the tensors: a third
-    of the demo model's training step on 2 cores (31 ms of an update that the fused kernel does in 7.5 ms)."""
-    try:  # each attempt gets its own copies: torch writes its flags into the groups before it checks the device
-        return torch.optim.AdamW([dict(g) for g in groups], **arguments, fused=True)
-    except (RuntimeError, ValueError):  # this torch has no fused kernel for these weights' device or dtype
-        return torch.optim.AdamW([dict(g) for g in groups], **arguments, foreach=True)
 
 
 def load_keeping_kernel(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -35,37 +24,6 @@ def load_keeping_kernel(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, kept in zip(optimizer.param_groups, flags):
         group.update(kept)
-
-
-def adam_arguments(config: TrainConfig) -> dict:
-    """Learning rate, betas, epsilon and weight decay of the AdamW variants, as keyword arguments."""
-    return {
-        "lr": config.learning_rate,
-        "betas": (config.adam_beta1, config.adam_beta2),
-        "eps": config.adam_epsilon,
-        "weight_decay": config.weight_decay,
-    }
-
-
-def require_bitsandbytes():
-    """The bitsandbytes module, or a ConfigError saying how to get it or what to pick instead."""
-    bnb = bitsandbytes_or_none()
-    if bnb is None:
-        raise ConfigError(
-            "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
-            "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor (on bf16 weights AdamW 8-bit "
-            "needs no bitsandbytes for the UNet; a trained text encoder still does).",
-        )
-    return bnb
-
-
-def bitsandbytes_or_none():
-    """The bitsandbytes module when it imports and has a working GPU backend, else None."""
-    try:
-        import bitsandbytes as bnb
-    except Exception:  # it raises RuntimeError/ImportError/OSError when its CUDA library is missing
-        return None
-    return bnb if torch.cuda.is_available() else None
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from ..config import TrainConfig
-from .optim import adam_arguments, build_lr_scheduler, build_optimizer, load_keeping_kernel, torch_adamw, trainable
-from .optimizers import optimizer_spec
+from .optim import build_lr_scheduler, build_optimizer, load_keeping_kernel, trainable
+from .optimizers import adam_arguments, optimizer_spec, torch_adamw
 from .parallel import Parallel
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
