@@ -2,17 +2,25 @@
 seed (no weights needed: speed and memory do not depend on their values), 1024 px (SDXL) or 768 px (SD 2.x v),
 batch 1, prior preservation, UNet only.
 
-Usage: python bench/family_memory.py --family sdxl --modes lowmem speed --steps 30 --out OUT
+Usage: python bench/family_memory.py --family sdxl --modes lowmem-adafactor lowmem speed --steps 30 --out OUT
        python bench/family_memory.py --family sdxl --tiny ...   (a CPU smoke run on the tests' tiny model)
        --mixed-shapes: the instance photos are square, 3:4 portrait and 4:3 landscape (three aspect-ratio buckets,
        so no CUDA graphs); without it they are square, as before buckets.
-Writes OUT/<family>-<mode>.json per mode and prints one table row each.
+Writes OUT/<family>-<mode>.json per mode and prints one table row each. With several modes each runs in its own
+process, so none starts with memory another left behind.
+
+Memory, all ``torch.cuda`` statistics: ``peak_gb`` the process's peak allocated (loading, caching, recording the
+CUDA graph, steps); ``peak_before_steps_gb`` its part up to the ``started`` event (CUDA graphs recorded by then);
+``peak_steps_gb`` the steps' own (a recorded step's temporaries live in the graph's pool, which counts as reserved,
+not allocated, while it replays); ``peak_reserved_gb`` the most the caching allocator held from the driver (what a
+card must have, plus the CUDA context).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +34,10 @@ sys.path.insert(0, str(REPO / "tests"))
 MODES = {
     "lowmem": {"weights_dtype": "bf16", "mixed_precision": "bf16", "optimizer": "adamw_8bit",
                "gradient_checkpointing": True, "optimizer_in_backward": True, "cuda_graphs": True},
+    "lowmem-adafactor": {"weights_dtype": "bf16", "mixed_precision": "bf16", "optimizer": "adafactor",
+                         "gradient_checkpointing": True, "optimizer_in_backward": True, "cuda_graphs": True},
+    "lowmem-adafactor-nograph": {"weights_dtype": "bf16", "mixed_precision": "bf16", "optimizer": "adafactor",
+                                 "gradient_checkpointing": True, "optimizer_in_backward": True, "cuda_graphs": False},
     "lowmem-nograph": {"weights_dtype": "bf16", "mixed_precision": "bf16", "optimizer": "adamw_8bit",
                        "gradient_checkpointing": True, "optimizer_in_backward": True, "cuda_graphs": False},
     "speed": {"weights_dtype": "bf16", "mixed_precision": "bf16", "optimizer": "adamw", "cuda_graphs": True,
@@ -111,10 +123,16 @@ def run_mode(family: str, mode: str, model: Path, work: Path, steps: int, resolu
 
     steps_seen: list[tuple[float, int, float | None]] = []
     started = time.perf_counter()
+    before_steps: dict[str, object] = {}
 
     def on_event(event: dict) -> None:
         if event["event"] == "step":
             steps_seen.append((time.perf_counter(), event["step"], event.get("memory_mb")))
+        if event["event"] == "started":
+            before_steps["optimizer"], before_steps["cuda_graphs"] = event["optimizer"], event["cuda_graphs"]
+            if torch.cuda.is_available():  # the steps' own peak from here on
+                before_steps["peak"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
         if event["event"] in ("warning", "error", "started"):
             print(json.dumps(event), flush=True)
 
@@ -134,16 +152,23 @@ def run_mode(family: str, mode: str, model: Path, work: Path, steps: int, resolu
     first = steps_seen[0][0] - started if steps_seen else None
     later = [t for t, s, _ in steps_seen if s > steps // 3]
     rate = (len(later) - 1) / (later[-1] - later[0]) if len(later) > 1 else None
-    peak = max((m for _, _, m in steps_seen if m is not None), default=None)
+    steps_peak = max((m / 1024 for _, _, m in steps_seen if m is not None), default=None)
+    before_peak = before_steps.get("peak")
+    peaks = [p for p in (before_peak, steps_peak) if p is not None]
     return {"family": family, "mode": mode, "resolution": resolution, "mixed_shapes": mixed_shapes,
-            "steps": result.step, "first_step_s": first, "steps_per_s": rate, "peak_gb": peak / 1024 if peak else None,
+            "steps": result.step,
+            "optimizer": before_steps.get("optimizer"), "cuda_graphs": before_steps.get("cuda_graphs"),
+            "first_step_s": first, "steps_per_s": rate, "peak_gb": max(peaks) if peaks else None,
+            "peak_before_steps_gb": before_peak, "peak_steps_gb": steps_peak,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+            "losses": result.losses,
             "checkpoint_mb": result.checkpoints[-1].stat().st_size / 2**20 if result.checkpoints else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=("sdxl", "sd2"), default="sdxl")
-    parser.add_argument("--modes", nargs="+", default=["lowmem", "speed"], choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["lowmem-adafactor", "lowmem", "speed"], choices=list(MODES))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/family-bench"))
@@ -157,11 +182,17 @@ def main() -> None:
     print(f"built the {args.family} model in {time.perf_counter() - started:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for mode in args.modes:
+        if len(args.modes) > 1:  # each mode in a process of its own: no memory, cache or graph pool carried over
+            command = [sys.executable, __file__, "--family", args.family, "--modes", mode, "--steps", str(args.steps),
+                       "--out", str(args.out), "--work", str(args.work), "--tokenizer-dir", str(args.tokenizer_dir),
+                       *(["--tiny"] if args.tiny else []), *(["--mixed-shapes"] if args.mixed_shapes else [])]
+            subprocess.run(command, check=False)
+            continue
         row = run_mode(args.family, mode, model, args.work / mode, args.steps, resolution, args.tokenizer_dir,
                        args.tiny, args.mixed_shapes)
         name = f"{args.family}-{mode}{'-mixed' if args.mixed_shapes else ''}"
         (args.out / f"{name}.json").write_text(json.dumps(row, indent=2))
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
 
 
 if __name__ == "__main__":

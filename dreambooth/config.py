@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .train.optimizers import check_paths, optimizer_choices, optimizer_help
 
 CONFIG_VERSION = 1
 FILEWORDS = "[filewords]"
@@ -352,9 +353,8 @@ class TrainConfig:
         "adamw",
         label="Optimizer",
         group="Optimizer",
-        choices=("adamw", "adamw_8bit", "adafactor"),
-        help="AdamW; AdamW 8-bit keeps its moments in 8 bits (with bf16 weights or the fused step our own kernel, "
-        "any device; with fp32 weights bitsandbytes' AdamW8bit, CUDA); Adafactor keeps factored second moments.",
+        choices=optimizer_choices(),
+        help=optimizer_help(),
     )
     adam_beta1: float = option(
         0.9,
@@ -438,7 +438,7 @@ class TrainConfig:
         group="Memory and speed",
         choices=("auto", "fp32", "bf16"),
         help="bf16 keeps the UNet's weights in bf16 and writes every update with stochastic rounding (half the "
-        "memory, no autocast); 'auto' picks bf16 on GPUs that have it (with AdamW), else fp32.",
+        "memory, no autocast); 'auto' picks bf16 on GPUs that have it, else fp32.",
     )
     optimizer_in_backward: bool = option(
         False,
@@ -468,8 +468,8 @@ class TrainConfig:
         True,
         label="Compile the optimizer",
         group="Memory and speed",
-        help="Fuse the bf16 AdamW update into one GPU kernel with torch.compile when Triton is installed "
-        "(~20 s once per run).",
+        help="Fuse the update of bf16 weights (AdamW, 8-bit AdamW, Adafactor) into few GPU kernels with torch.compile "
+        "when Triton is installed (~20 s once per run).",
     )
     compile_unet: bool = option(
         False,
@@ -768,11 +768,7 @@ def validate_for_training(config: TrainConfig) -> list[str]:
             "accumulate gradients over several batches.",
             "Set 'gradient_accumulation' to 1.",
         )
-    if config.optimizer == "adafactor" and (config.weights_dtype == "bf16" or config.optimizer_in_backward):
-        raise ConfigError(
-            "Adafactor runs on fp32 weights with the plain optimizer step.",
-            "Pick adamw or adamw_8bit, or set 'weights_dtype' to fp32 and 'optimizer_in_backward' off.",
-        )
+    check_paths(config.optimizer, requested_update_paths(config))
     if config.method == "lora" and config.save_format != "safetensors":
         raise ConfigError("LoRA files are written as .safetensors only (the web UI's Lora reads that format).",
                           "Set 'save_format' to safetensors.")
@@ -783,6 +779,22 @@ def validate_for_training(config: TrainConfig) -> list[str]:
     if (config.train_text_encoder or config.train_text_encoder_2) and config.cache_text_embeddings:
         warnings.append("Text embeddings are not cached while the text encoder trains.")
     return warnings
+
+
+def requested_update_paths(config: TrainConfig) -> list[str]:
+    """The update paths (``train/optimizers.py``) that ``config`` names outright: bf16 or fp32 weights, the step in
+    the backward pass, a trained text encoder (torch's optimizer). 'auto' weights and ``cuda_graphs`` name none: they
+    take a path the optimizer runs."""
+    paths = []
+    if config.weights_dtype == "bf16":
+        paths.append("flat")
+    if config.weights_dtype == "fp32" and not config.optimizer_in_backward:
+        paths.append("torch")
+    if config.optimizer_in_backward:
+        paths.append("backward")
+    if config.train_text_encoder or config.train_text_encoder_2:
+        paths.append("torch")
+    return paths
 
 
 def rare_tokens(instance_prompt: str, class_prompt: str) -> list[str]:

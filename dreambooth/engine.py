@@ -32,6 +32,7 @@ from .models.load import LoadedModel, load_model
 from .models.pipeline import inference_pipeline
 from .sample import render_samples
 from .train.loop import Run, RunResult, train, trained_text_encoders
+from .train.optimizers import optimizer_spec
 from .train.parallel import Parallel, from_environment, leave_process_group
 from .train.speed.step_graph import enable_checkpointing
 from .train.trained import trained_weights
@@ -62,8 +63,9 @@ def run(config: TrainConfig, model_dir: Path, events: Events) -> RunResult:
     except torch.cuda.OutOfMemoryError as exc:
         advice = OutOfMemoryAdvice(
             "The GPU ran out of memory.",
-            "Turn on gradient checkpointing, use AdamW 8-bit, turn off text-encoder training, lower the batch size "
-            "or the resolution, and close other programs that use the GPU.",
+            "Turn on gradient checkpointing and the fused optimizer step (optimizer_in_backward), use Adafactor (the "
+            "least optimizer memory) or AdamW 8-bit, turn off text-encoder training, lower the batch size or the "
+            "resolution, and close other programs that use the GPU.",
         )
         events.emit("error", kind="OutOfMemoryAdvice", message=advice.message, advice=advice.advice)
         raise advice from exc
@@ -327,11 +329,12 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 when asked, or for 'auto' on a GPU with bf16 and an AdamW optimizer; fp32 otherwise."""
+    """bf16 when asked, or for 'auto' on a GPU with bf16 where the optimizer runs on bf16 weights (its table entry,
+    ``train/optimizers.py``); fp32 otherwise."""
     if config.weights_dtype == "bf16":
         return torch.bfloat16
     if config.weights_dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16 if config.optimizer in ("adamw", "adamw_8bit") else torch.float32
+        return torch.bfloat16 if optimizer_spec(config.optimizer).runs_on("flat") else torch.float32
     return torch.float32
 
 

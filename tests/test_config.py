@@ -148,3 +148,49 @@ def test_help_texts_say_what_an_option_does_and_costs_not_what_a_benchmark_measu
         for f in dataclasses.fields(cls):
             text = f.metadata.get("help", "")
             assert not measured.search(text), (f.name, text)
+
+
+def _trainable(**options) -> TrainConfig:
+    concept = Concept(instance_dir="i", instance_prompt="photo of zwx disc", class_prompt="photo of a disc")
+    return TrainConfig(model_name="zwx", source_checkpoint="a.safetensors", concepts=[concept], **options)
+
+
+def test_the_optimizer_choices_and_help_come_from_the_optimizer_table():
+    from dreambooth.train.optimizers import OPTIMIZERS
+
+    spec = next(s for s in option_specs(TrainConfig) if s.name == "optimizer")
+    assert spec.choices == tuple(OPTIMIZERS)
+    assert all(entry.help in spec.help for entry in OPTIMIZERS.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "adafactor"])
+def test_every_optimizer_is_accepted_on_bf16_weights_and_in_the_backward_pass(optimizer):
+    config_module.validate_for_training(_trainable(optimizer=optimizer, weights_dtype="bf16",
+                                                   optimizer_in_backward=True, gradient_checkpointing=True))
+
+
+@pytest.mark.parametrize(
+    "setting,path,named",
+    [
+        ({"optimizer_in_backward": True}, "backward", "turn 'optimizer_in_backward' off"),
+        ({"weights_dtype": "bf16"}, "flat", "set 'weights_dtype' to fp32"),
+        ({"weights_dtype": "fp32"}, "torch", "set 'weights_dtype' to bf16"),
+        ({"train_text_encoder": True}, "torch", "set 'weights_dtype' to bf16"),
+    ],
+)
+def test_a_path_the_optimizer_lacks_is_refused_naming_the_setting_and_the_optimizers_that_can(
+    monkeypatch, setting, path, named
+):
+    import dataclasses
+
+    from dreambooth.train import optimizers
+
+    lacking = dataclasses.replace(optimizers.OPTIMIZERS["adafactor"],
+                                  paths=optimizers.OPTIMIZERS["adafactor"].paths - {path})
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "adafactor", lacking)
+    config_module.validate_for_training(_trainable(optimizer="adamw", **setting))
+    with pytest.raises(ConfigError) as error:
+        config_module.validate_for_training(_trainable(optimizer="adafactor", **setting))
+    assert error.value.message.startswith("'optimizer' adafactor cannot run")
+    assert error.value.advice == f"Pick adamw or adamw_8bit, or {named}."
+    config_module.validate_for_training(_trainable(optimizer="adafactor"))  # 'auto' weights name no path

@@ -223,6 +223,7 @@ def test_sd2_and_sdxl_lora_runs_name_their_family_for_the_web_uis_lora_tab(famil
 
 
 @pytest.mark.parametrize("path", [{"weights_dtype": "bf16"}, {"weights_dtype": "bf16", "optimizer": "adamw_8bit"},
+                                  {"optimizer_in_backward": True, "optimizer": "adafactor", "weights_dtype": "bf16"},
                                   {"optimizer_in_backward": True}, {"gradient_checkpointing": True}])
 def test_the_fast_paths_train_the_adapters(path, make_config, tmp_path):
     seen: list[dict] = []
@@ -230,7 +231,8 @@ def test_the_fast_paths_train_the_adapters(path, make_config, tmp_path):
                  Events(on_event=seen.append))
     started = next(e for e in seen if e["event"] == "started")
     if path.get("weights_dtype") == "bf16" or path.get("optimizer_in_backward"):
-        assert started["optimizer"].startswith("FlatAdamW"), started["optimizer"]  # the flat path, adapters only
+        flat = {"adamw": "FlatAdamW", "adamw_8bit": "FlatAdamW8bit", "adafactor": "FlatAdafactor"}
+        assert started["optimizer"].startswith(flat[path.get("optimizer", "adamw")]), started["optimizer"]
     layers, _ = read_lora(result.checkpoints[-1])
     assert all(layer.up.abs().max() > 0 for layer in layers.values())
     assert all(torch.isfinite(torch.tensor(result.losses)))

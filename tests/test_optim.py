@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from dreambooth.config import TrainConfig
-from dreambooth.train.optim import adam_arguments, build_optimizer, load_keeping_kernel
+from dreambooth.train.optim import build_optimizer, load_keeping_kernel
+from dreambooth.train.optimizers import adam_arguments
 
 
 def _weights(seed: int) -> list[torch.nn.Parameter]:

@@ -38,3 +38,31 @@ def test_stock_checkpointing_is_not_called_graph_safe():
     unet = _unet()
     unet.enable_gradient_checkpointing()
     assert unet.is_gradient_checkpointing and not checkpointing_is_graph_safe(unet)
+
+
+def test_an_optimizer_the_step_graph_cannot_record_leaves_the_step_unrecorded_and_says_so(monkeypatch):
+    """The loop's choice of graph reads the optimizer table: a fused step whose optimizer does not record runs as
+    usual, with a warning, instead of being recorded (or swapped for another optimizer)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dreambooth.config import TrainConfig
+    from dreambooth.events import Events
+    from dreambooth.train import optimizers
+    from dreambooth.train.loop import _graph_kind
+
+    seen: list[dict] = []
+    unet = SimpleNamespace(is_gradient_checkpointing=False)
+    run = SimpleNamespace(config=TrainConfig(optimizer_in_backward=True), device=torch.device("cuda"),
+                          autocast_dtype=None, components=SimpleNamespace(unet=unet),
+                          events=Events(on_event=seen.append))
+
+    def kind(spec) -> str | None:
+        updater = SimpleNamespace(backward_step=object(), spec=spec)
+        return _graph_kind(run, False, torch.bfloat16, updater)
+
+    assert kind(optimizers.OPTIMIZERS["adafactor"]) == "step" and not seen
+    unrecordable = dataclasses.replace(optimizers.OPTIMIZERS["adafactor"],
+                                       paths=optimizers.OPTIMIZERS["adafactor"].paths - {"step_graph"})
+    assert kind(unrecordable) is None
+    assert [e["event"] for e in seen] == ["warning"] and "adafactor cannot be recorded" in seen[0]["message"]

@@ -15,6 +15,7 @@ from dreambooth.config import Concept, TrainConfig, option_specs
 from dreambooth.errors import ConfigError
 from dreambooth.host.standalone import StandaloneHost
 from dreambooth.supervisor import Supervisor
+from dreambooth.train.optimizers import OPTIMIZERS
 from dreambooth.ui.features import unavailable_choices
 from dreambooth.ui.form import (
     MAX_CONCEPTS,
@@ -125,26 +126,40 @@ def test_options_are_grouped_in_panels_named_after_their_group(tab: DreamBoothTa
 def test_a_missing_optional_package_disables_its_choice_with_the_reason(
     monkeypatch: pytest.MonkeyPatch, models: Path, tmp_path: Path
 ) -> None:
-    missing = unavailable_choices(installed=lambda package: package != "bitsandbytes")
-    assert list(missing) == ["optimizer"] and "bitsandbytes is not installed" in missing["optimizer"]["adamw_8bit"]
+    missing = unavailable_choices(installed=lambda package: package != "xformers")
+    assert list(missing) == ["attention"] and "xformers is not installed" in missing["attention"]["xformers"]
     monkeypatch.setattr("dreambooth.ui.tab.unavailable_choices", lambda: missing)
     host = RecordingHost(models)
     supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion")
     tab = build_tab(supervisor, host).dreambooth_tab
-    optimizer = next(c for c in tab.components if c.elem_id == "dreambooth_optimizer")
-    shown = [c[0] if isinstance(c, (tuple, list)) else c for c in optimizer.choices]
-    assert "adamw_8bit" not in shown and "adamw" in shown
-    assert "adamw_8bit (bitsandbytes is not installed" in optimizer.info
+    attention = next(c for c in tab.components if c.elem_id == "dreambooth_attention")
+    shown = [c[0] if isinstance(c, (tuple, list)) else c for c in attention.choices]
+    assert "xformers" not in shown and "sdpa" in shown
+    assert "xformers (xformers is not installed" in attention.info
     supervisor.create_model("zwx", "base.safetensors")
     config = supervisor.load_config("zwx")
-    config.optimizer = "adamw_8bit"
+    config.attention = "xformers"
     supervisor.save_config(config)
     filled = tab.open_model("zwx")
-    assert filled[1 + tab._index("optimizer")] == "adamw"
+    assert filled[1 + tab._index("attention")] == "sdpa"
     assert "unavailable here" in filled[-1]
     values = list(config_to_values(config, tab.fields)[0]) + [1]
-    with pytest.raises(ConfigError, match="bitsandbytes"):
+    with pytest.raises(ConfigError, match="xformers"):
         tab.form_config(tuple(values))
+
+
+def test_the_optimizer_dropdown_offers_the_optimizer_tables_entries_runnable_here(models: Path) -> None:
+    host = RecordingHost(models)
+    tab = build_tab(Supervisor(host, models / "dreambooth", models / "Stable-diffusion"), host).dreambooth_tab
+    optimizer = next(c for c in tab.components if c.elem_id == "dreambooth_optimizer")
+    shown = [c[0] if isinstance(c, (tuple, list)) else c for c in optimizer.choices]
+    assert shown == list(OPTIMIZERS) == ["adamw", "adamw_8bit", "adafactor"]
+    assert all(spec.help in optimizer.info for spec in OPTIMIZERS.values())
+    # AdamW 8-bit needs bitsandbytes on fp32 weights only: without it, bf16 weights still run it
+    assert "optimizer" not in unavailable_choices(installed=lambda package: package != "bitsandbytes")
+    only_torch = {"x": dataclasses.replace(OPTIMIZERS["adamw_8bit"], name="x", paths=frozenset({"torch"}))}
+    missing = unavailable_choices(installed=lambda package: package != "bitsandbytes", optimizers=only_torch)
+    assert "bitsandbytes is not installed" in missing["optimizer"]["x"]
 
 
 def through_components(tab: DreamBoothTab, values: list) -> list:

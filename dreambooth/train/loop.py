@@ -296,7 +296,8 @@ def _weights_fingerprint(models: dict[str, torch.nn.Module]) -> torch.Tensor:
 
 def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: Updater) -> str | None:
     """What a CUDA graph can record in this run: the whole step ('step', with the optimizer step fused into the
-    backward), the UNet's forward and backward ('denoiser'), or nothing (None)."""
+    backward, where the optimizer's table entry says it records), the UNet's forward and backward ('denoiser'), or
+    nothing (None)."""
     cfg, unet = run.config, run.components.unet
     if not (
         cfg.cuda_graphs
@@ -308,6 +309,10 @@ def _graph_kind(run: Run, train_te: bool, weights_dtype: torch.dtype, updater: U
     ):
         return None
     if updater.backward_step is not None:
+        if not updater.spec.runs_on("step_graph"):
+            run.events.emit("warning", message=f"The optimizer {updater.spec.name} cannot be recorded in a CUDA graph "
+                            "with the whole step; the step runs as usual (cuda_graphs has no effect).")
+            return None
         stashes_rng = unet.is_gradient_checkpointing and not checkpointing_is_graph_safe(unet)
         return None if stashes_rng else "step"
     return None if cfg.gradient_checkpointing else "denoiser"

@@ -1,15 +1,16 @@
 """How gradients become new weights: one object the loop calls ``backward(loss)`` and ``step()`` on.
 
-Two paths, chosen by the config:
+Two paths, chosen by the config; the optimizer's entry in ``optimizers.py`` builds it on either:
 - torch's optimizers on fp32 weights (AdamW as one fused kernel where torch has it, AdamW 8-bit, Adafactor), with
   an fp16 GradScaler when autocast runs in fp16;
-- the UNet's weights in one flat buffer (``speed/flat.py``) updated by one AdamW kernel (``speed/adamw.py``, or
-  its 8-bit-moment twin ``speed/adamw8bit.py``) that writes bf16 weights with stochastic rounding; optionally inside
-  the backward pass (``speed/backward.py``), so the full gradient never exists. The text encoder, when it trains,
-  stays on torch's optimizer.
+- the UNet's weights in one flat buffer (``speed/flat.py``) updated by our own kernel (``speed/adamw.py``, its
+  8-bit-moment twin ``speed/adamw8bit.py``, ``speed/adafactor.py``) that writes bf16 weights with stochastic
+  rounding; optionally inside the backward pass (``speed/backward.py``), so the full gradient never exists. The
+  text encoder, when it trains, stays on torch's optimizer (the same optimizer).
 
 One LR schedule drives both: it is built on the torch optimizer, whose first group stands for the UNet (on the
-flat path that group holds only a placeholder), and its value is handed to the flat optimizer after each step.
+flat path that group holds only a placeholder, and without a trained text encoder the torch optimizer is a plain
+AdamW that never updates anything), and its value is handed to the flat optimizer after each step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from ..config import TrainConfig
-from .optim import adam_arguments, build_lr_scheduler, build_optimizer, load_keeping_kernel, trainable
+from .optim import build_lr_scheduler, build_optimizer, load_keeping_kernel, trainable
+from .optimizers import adam_arguments, optimizer_spec, torch_adamw
 from .parallel import Parallel
 from .speed.backward import BackwardStep
 from .speed.flat import FlatParameters
@@ -44,6 +46,7 @@ class Updater:
         self.config = config
         self.scaler = grad_scaler
         self.parallel = parallel or Parallel()
+        self.spec = optimizer_spec(config.optimizer)
         self.flat_optimizer = None
         self.backward_step: BackwardStep | None = None
         unet_params = trainable(unet.parameters())
@@ -51,7 +54,8 @@ class Updater:
             self.flat = FlatParameters(
                 unet_params, dtype=next(unet.parameters()).dtype, with_grad_buffer=not in_backward
             )
-            self.flat_optimizer = _flat_optimizer(config, self.flat, compile_optimizer)
+            compile = compile_optimizer and self.flat.data.is_cuda and importlib.util.find_spec("triton") is not None
+            self.flat_optimizer = self.spec.build_flat(self.flat, config, compile)
             if in_backward:
                 self.backward_step = BackwardStep(self.flat, self.flat_optimizer)
             placeholder = torch.zeros(1, device=self.flat.data.device, requires_grad=True)
@@ -60,7 +64,10 @@ class Updater:
             groups = [{"params": unet_params, "lr": config.learning_rate}]
         for text_encoder, lr in text_encoders:  # one group each, at its own learning rate
             groups.append({"params": trainable(text_encoder.parameters()), "lr": lr})
-        self.torch_optimizer = build_optimizer(config, groups, allow_8bit=not flat)
+        if flat and len(groups) == 1:  # the schedule's carrier: a placeholder, nothing to update
+            self.torch_optimizer = torch_adamw(groups, adam_arguments(config))
+        else:
+            self.torch_optimizer = build_optimizer(config, groups)
         self.lr_scheduler = build_lr_scheduler(config, self.torch_optimizer, total_steps)
         self._clipped = [p for g in groups[0 if not flat else 1 :] for p in g["params"]]
         self._hand_lr_to_flat()
@@ -129,15 +136,3 @@ class Updater:
     def _hand_lr_to_flat(self) -> None:
         if self.flat_optimizer is not None:
             self.flat_optimizer.set_lr(self.lr)
-
-
-def _flat_optimizer(config: TrainConfig, flat: FlatParameters, compile_optimizer: bool):
-    from .speed.adamw import FlatAdamW
-
-    compile = compile_optimizer and flat.data.is_cuda and importlib.util.find_spec("triton") is not None
-    clip = config.max_grad_norm or None
-    if config.optimizer == "adamw_8bit":
-        from .speed.adamw8bit import FlatAdamW8bit
-
-        return FlatAdamW8bit(flat, **adam_arguments(config), max_grad_norm=clip, compile=compile)
-    return FlatAdamW(flat, **adam_arguments(config), max_grad_norm=clip, compile=compile)

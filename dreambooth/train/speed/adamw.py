@@ -91,6 +91,9 @@ def clip_scale(grad: torch.Tensor, max_grad_norm: float | None, one: torch.Tenso
 class FlatAdamW:
     """AdamW on a :class:`FlatParameters`; ``state_dtype`` fp32 (exact moments) or bf16 (half the memory)."""
 
+    bucket_elems = 32 * 1024 * 1024
+    """Elements per bucket inside the backward pass (``backward.py``)."""
+
     def __init__(
         self,
         flat: FlatParameters,

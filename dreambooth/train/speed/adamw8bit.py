@@ -95,6 +95,9 @@ def adamw8bit_update_(
 class FlatAdamW8bit:
     """8-bit AdamW on a :class:`FlatParameters` built with ``align`` a multiple of 256 (any device)."""
 
+    bucket_elems = 32 * 1024 * 1024
+    """Elements per bucket inside the backward pass (``backward.py``)."""
+
     def __init__(
         self,
         flat: FlatParameters,

@@ -17,7 +17,10 @@ from .flat import FlatParameters
 
 
 class RangeOptimizer(Protocol):
-    """What :class:`BackwardStep` drives: ``FlatAdamW`` and ``FlatAdamW8bit`` both qualify."""
+    """What :class:`BackwardStep` drives: ``FlatAdamW``, ``FlatAdamW8bit`` and ``FlatAdafactor`` qualify.
+    ``bucket_elems``: the bucket size it works best with (``FlatAdafactor``: 1, a parameter a bucket)."""
+
+    bucket_elems: int
 
     def begin_step(self): ...
 
@@ -27,14 +30,16 @@ class RangeOptimizer(Protocol):
 
 
 class BackwardStep:
-    """Attach ``optimizer`` to ``flat``'s parameters (built with ``with_grad_buffer=False``)."""
+    """Attach ``optimizer`` to ``flat``'s parameters (built with ``with_grad_buffer=False``); a bucket closes once
+    it holds ``bucket_elems`` elements (by default the optimizer's own ``bucket_elems``)."""
 
-    def __init__(self, flat: FlatParameters, optimizer: RangeOptimizer, bucket_elems: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, flat: FlatParameters, optimizer: RangeOptimizer, bucket_elems: int | None = None) -> None:
         if flat.grad is not None:
             raise ValueError(
                 "BackwardStep frees gradients bucket by bucket: build FlatParameters(with_grad_buffer=False)."
             )
         self.flat, self.optimizer = flat, optimizer
+        bucket_elems = optimizer.bucket_elems if bucket_elems is None else bucket_elems
         self.buckets: list[list[int]] = []
         current: list[int] = []
         size = 0

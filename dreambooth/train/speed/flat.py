@@ -3,7 +3,9 @@
 One buffer lets an optimizer update all weights with one fused kernel instead of a few kernels per tensor, and
 lets a bucket of neighbouring parameters be addressed as one slice. Each view keeps its parameter's strides, so
 a model converted to channels_last stays channels_last. Offsets are aligned (default 256 elements) so that
-block-wise quantized optimizer state never straddles two parameters' slices at a bucket edge.
+block-wise quantized optimizer state never straddles two parameters' slices at a bucket edge. On a GPU the
+parameters pass through host memory while the buffer is built, so the peak is one copy of the weights, not two
+(SDXL's UNet in bf16: 5.1 GB, not 10.3).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class FlatParameters:
             self.offsets.append(total)
             total += -(-p.numel() // align) * align
         self.numel = total
+        if device.type == "cuda":  # through host memory: two copies of the weights would meet on the GPU otherwise
+            for p in self.params:
+                p.data = p.data.to("cpu")
         self.data = torch.zeros(total, dtype=self.dtype, device=device)
         for p, offset in zip(self.params, self.offsets):
             view = self.data.as_strided(p.shape, p.stride(), offset)
