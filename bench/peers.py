@@ -80,6 +80,7 @@ LORA_MODES = {
     "lora": {},  # attention + feed-forward (the default): the layers kohya's networks.lora adapts
     "lora-attn": {"lora_layers": "attention"},  # diffusers' scripts' layers
     "lora-lowmem": LORA_LOWMEM,
+    "lora-lowmem-fp8": {**LORA_LOWMEM, "lora_base_precision": "fp8"},  # kohya's --fp8_base
 }
 FULL_COMMON = {**{k: v for k, v in ENGINE_COMMON.items() if k != "resolution"}, "batch_size": 1, "log_every": 10,
                "learning_rate": FULL_LR}
@@ -149,11 +150,10 @@ DIFFUSERS_MODES: dict[str, tuple[str, list[str]]] = {
 the GPU machine)."""
 
 RUNS = [
-    "kohya:sdxl-ft", "engine:sdxl-speed", "engine:sdxl-lowmem", "engine:sdxl-lowmem-adafactor",
-    "kohya:sdxl-lora", "engine:sdxl-lora", "diffusers:sd2-bf16", "engine:sd2-speed",
-    "engine:sdxl-lora-lowmem", "engine:sd2-lowmem",
-    "kohya:sdxl-ft-speed", "kohya:sdxl-lora-speed", "kohya:sdxl-ft-noclip", "kohya:sdxl-lora-fp8",
-    "diffusers:sd2-bf16-ckpt",
+    "engine:sdxl-lowmem-adafactor", "kohya:sdxl-ft", "engine:sdxl-lora-lowmem-fp8", "engine:sdxl-speed",
+    "kohya:sdxl-lora", "engine:sdxl-lora", "diffusers:sd2-bf16", "engine:sd2-speed", "kohya:sdxl-lora-fp8",
+    "engine:sdxl-lowmem", "engine:sdxl-lora-lowmem", "engine:sd2-lowmem",
+    "kohya:sdxl-ft-speed", "kohya:sdxl-lora-speed", "kohya:sdxl-ft-noclip", "diffusers:sd2-bf16-ckpt",
 ]
 """The default rows, most important first (the budget may end the list early): one pair of each of the three
 comparisons before the second engine mode of the last two."""
@@ -165,7 +165,8 @@ PAIRS = [
     ("SDXL full, kohya's fastest", "kohya:sdxl-ft-speed", ["engine:sdxl-speed", "engine:sdxl-lowmem"]),
     ("SDXL LoRA, kohya's low-memory flags", "kohya:sdxl-lora", ["engine:sdxl-lora", "engine:sdxl-lora-lowmem"]),
     ("SDXL LoRA, kohya without checkpointing", "kohya:sdxl-lora-speed", ["engine:sdxl-lora", "engine:sdxl-lora-attn"]),
-    ("SDXL LoRA, kohya with fp8 base weights", "kohya:sdxl-lora-fp8", ["engine:sdxl-lora-lowmem"]),
+    ("SDXL LoRA, kohya with fp8 base weights", "kohya:sdxl-lora-fp8",
+     ["engine:sdxl-lora-lowmem-fp8", "engine:sdxl-lora-lowmem"]),
     ("SD 2.x 768 v, diffusers with 4 loader workers", "diffusers:sd2-bf16", ["engine:sd2-speed", "engine:sd2-lowmem"]),
     ("SD 2.x 768 v, diffusers with checkpointing", "diffusers:sd2-bf16-ckpt", ["engine:sd2-lowmem"]),
 ]
