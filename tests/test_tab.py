@@ -125,26 +125,58 @@ def test_options_are_grouped_in_panels_named_after_their_group(tab: DreamBoothTa
 def test_a_missing_optional_package_disables_its_choice_with_the_reason(
     monkeypatch: pytest.MonkeyPatch, models: Path, tmp_path: Path
 ) -> None:
-    missing = unavailable_choices(installed=lambda package: package != "bitsandbytes")
-    assert list(missing) == ["optimizer"] and "bitsandbytes is not installed" in missing["optimizer"]["adamw_8bit"]
+    missing = unavailable_choices(installed=lambda package: package != "xformers")
+    assert list(missing) == ["attention"] and "xformers is not installed" in missing["attention"]["xformers"]
     monkeypatch.setattr("dreambooth.ui.tab.unavailable_choices", lambda: missing)
     host = RecordingHost(models)
     supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion")
     tab = build_tab(supervisor, host).dreambooth_tab
-    optimizer = next(c for c in tab.components if c.elem_id == "dreambooth_optimizer")
-    shown = [c[0] if isinstance(c, (tuple, list)) else c for c in optimizer.choices]
-    assert "adamw_8bit" not in shown and "adamw" in shown
-    assert "adamw_8bit (bitsandbytes is not installed" in optimizer.info
+    attention = next(c for c in tab.components if c.elem_id == "dreambooth_attention")
+    shown = [c[0] if isinstance(c, (tuple, list)) else c for c in attention.choices]
+    assert "xformers" not in shown and "sdpa" in shown
+    assert "xformers (xformers is not installed" in attention.info
     supervisor.create_model("zwx", "base.safetensors")
     config = supervisor.load_config("zwx")
-    config.optimizer = "adamw_8bit"
+    config.attention = "xformers"
     supervisor.save_config(config)
     filled = tab.open_model("zwx")
-    assert filled[1 + tab._index("optimizer")] == "adamw"
+    assert filled[1 + tab._index("attention")] == "sdpa"
     assert "unavailable here" in filled[-1]
     values = list(config_to_values(config, tab.fields)[0]) + [1]
-    with pytest.raises(ConfigError, match="bitsandbytes"):
+    with pytest.raises(ConfigError, match="xformers"):
         tab.form_config(tuple(values))
+
+
+def test_adamw_8bit_is_offered_without_bitsandbytes_and_needs_it_only_with_fp32_weights(
+    monkeypatch: pytest.MonkeyPatch, models: Path
+) -> None:
+    """Forge on a machine without CUDA has no bitsandbytes: the extension's own 8-bit AdamW (bf16 weights, any
+    device) stays selectable, and the form says what to change only where bitsandbytes' would be needed."""
+    no_bnb = lambda package: package != "bitsandbytes"  # noqa: E731
+    monkeypatch.setattr("dreambooth.ui.tab.unavailable_choices", lambda: unavailable_choices(installed=no_bnb))
+    monkeypatch.setattr("dreambooth.ui.features._installed", no_bnb)
+    monkeypatch.setattr("dreambooth.ui.features._gpu_has_bf16", lambda: False, raising=False)
+    host = RecordingHost(models)
+    supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion")
+    tab = build_tab(supervisor, host).dreambooth_tab
+    optimizer = next(c for c in tab.components if c.elem_id == "dreambooth_optimizer")
+    assert "adamw_8bit" in [c[0] if isinstance(c, (tuple, list)) else c for c in optimizer.choices]
+    supervisor.create_model("zwx", "base.safetensors")
+    config = supervisor.load_config("zwx")
+    config.optimizer, config.weights_dtype = "adamw_8bit", "bf16"
+    supervisor.save_config(config)
+    filled = tab.open_model("zwx")
+    assert filled[1 + tab._index("optimizer")] == "adamw_8bit" and "unavailable" not in filled[-1]
+    values = list(config_to_values(config, tab.fields)[0]) + [1]
+    assert tab.form_config(tuple(values)).optimizer == "adamw_8bit"
+    for weights in ("fp32", "auto"):  # 'auto' is fp32 where no CUDA GPU with bf16 trains
+        config.weights_dtype = weights
+        values = list(config_to_values(config, tab.fields)[0]) + [1]
+        with pytest.raises(ConfigError, match="bitsandbytes.*bf16"):
+            tab.form_config(tuple(values))
+    config.optimizer_in_backward = True  # the fused step is the extension's own kernel too
+    values = list(config_to_values(config, tab.fields)[0]) + [1]
+    assert tab.form_config(tuple(values)).optimizer == "adamw_8bit"
 
 
 def through_components(tab: DreamBoothTab, values: list) -> list:

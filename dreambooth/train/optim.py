@@ -68,7 +68,8 @@ def require_bitsandbytes():
     if bnb is None:
         raise ConfigError(
             "'optimizer' is adamw_8bit, but bitsandbytes is not installed or finds no GPU.",
-            "Install bitsandbytes (`pip install bitsandbytes`) or pick adamw / adafactor.",
+            "Set 'weights_dtype' to bf16 (this extension's own 8-bit AdamW, any device), install bitsandbytes "
+            "(`pip install bitsandbytes`, NVIDIA GPU) or pick adamw / adafactor.",
         )
     return bnb
 

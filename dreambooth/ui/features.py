@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 OPTIONAL_CHOICES: dict[tuple[str, str], tuple[str, str]] = {
-    ("optimizer", "adamw_8bit"): ("bitsandbytes", "pip install bitsandbytes (needs an NVIDIA GPU)"),
     ("attention", "xformers"): ("xformers", "install the xformers build that matches your torch"),
 }
-"""``(option, choice) -> (package it imports, how to get it)``."""
+"""``(option, choice) -> (package it imports, how to get it)``: choices that always need the package.
+
+``optimizer: adamw_8bit`` is not one of them: with bf16 weights or the fused optimizer step it runs on this
+extension's own 8-bit AdamW on any device, and only with fp32 weights on bitsandbytes (see
+:func:`choice_problems`). Forge installs bitsandbytes only where it finds a CUDA GPU."""
 
 
 def _installed(package: str) -> bool:
@@ -30,3 +34,32 @@ def unavailable_choices(installed: Callable[[str], bool] = _installed) -> dict[s
         if not installed(package):
             missing.setdefault(name, {})[choice] = f"{package} is not installed ({remedy})"
     return missing
+
+
+def _gpu_has_bf16() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    except Exception:  # no torch, or a CUDA build without a driver
+        return False
+
+
+def choice_problems(config: Any, installed: Callable[[str], bool] = _installed,
+                    gpu_has_bf16: Callable[[], bool] = _gpu_has_bf16) -> list[str]:
+    """What stops ``config`` (a ``TrainConfig``) from training here because of a choice that needs a package
+    only together with other options: ``adamw_8bit`` with weights that stay in fp32 ('weights_dtype' fp32, or
+    'auto' where no CUDA GPU with bf16 trains, as the engine decides) and no fused optimizer step goes through
+    bitsandbytes. Each problem says what to change."""
+    problems = []
+    if config.optimizer == "adamw_8bit" and not config.optimizer_in_backward and not installed("bitsandbytes"):
+        bf16 = config.weights_dtype == "bf16" or (
+            config.weights_dtype == "auto" and config.device != "cpu" and gpu_has_bf16()
+        )
+        if not bf16:
+            problems.append(
+                "'optimizer' adamw_8bit with fp32 weights needs bitsandbytes, which is not installed: set 'Weight "
+                "precision' (weights_dtype) to bf16 to use this extension's own 8-bit AdamW (any device), or pick "
+                "adamw, or install bitsandbytes (NVIDIA GPU)."
+            )
+    return problems
