@@ -138,3 +138,16 @@ def test_forge_refuses_to_switch_under_frozen_settings(forge) -> None:
     modules.shared.cmd_opts.freeze_settings = True
     with pytest.raises(Exception, match="frozen"):
         adapter.ForgeHost().select_checkpoint(models / "Stable-diffusion" / "base.safetensors")
+
+
+def test_a_checkpoint_copied_in_after_the_last_listing_is_found_without_a_refresh_click(forge) -> None:
+    """Seen in a real Forge: a file put into models/Stable-diffusion while Forge runs was refused as a source
+    (`POST /dreambooth/v1/models`) until someone pressed 🔄; the lookup now re-lists once before it gives up."""
+    adapter, modules, models = forge
+    late = models / "Stable-diffusion" / "late.safetensors"
+    late.write_bytes(b"late")
+    host = adapter.ForgeHost()
+    assert host.checkpoint_file("late.safetensors") == late
+    assert "late.safetensors" in host.checkpoint_titles()
+    with pytest.raises(KeyError):
+        host.checkpoint_file("never-there.safetensors")

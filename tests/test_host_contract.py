@@ -37,6 +37,8 @@ WEBUI = os.environ.get("SD_WEBUI_DIR")
 needs_webui = pytest.mark.skipif(not WEBUI, reason="set SD_WEBUI_DIR to a web UI checkout to run")
 needs_a1111 = pytest.mark.skipif(not WEBUI or is_forge(Path(WEBUI)),
                                  reason="set SD_WEBUI_DIR to an AUTOMATIC1111 web UI checkout to run")
+needs_forge = pytest.mark.skipif(not WEBUI or not is_forge(Path(WEBUI)),
+                                 reason="set SD_WEBUI_DIR to a Forge checkout to run")
 THE_PIN = FORGE_PIN if WEBUI and is_forge(Path(WEBUI)) else PIN
 """The pin that SD_WEBUI_DIR's checkout is checked against."""
 
@@ -221,6 +223,18 @@ def test_inside_the_web_ui_the_host_callbacks_and_a_tiny_training_work(tmp_path:
     result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
                             check=False, capture_output=True, text=True, timeout=600)
     assert "IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@needs_forge
+def test_inside_forge_the_host_callbacks_memory_manager_and_trainings_work(tmp_path: Path) -> None:
+    """The extension installed into a fresh data folder of a real Forge (on the CPU: ``SD_WEBUI_ARGS`` is not
+    needed): preload flags, callbacks, Forge's dropdown names, progress state, Interrupt, queue, its memory manager
+    letting a model go and taking it back, the checkpoint switch Forge loads lazily, the API behind --api-auth, the
+    tab, and a tiny training and a tiny LoRA training whose files Forge's checkpoint dropdown and Lora list show."""
+    script = Path(__file__).with_name("forge_in_host.py")
+    result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
+                            check=False, capture_output=True, text=True, timeout=600)
+    assert "FORGE-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 @needs_a1111

@@ -161,6 +161,37 @@ def test_the_optimizer_dropdown_offers_the_optimizer_tables_entries_runnable_her
     missing = unavailable_choices(installed=lambda package: package != "bitsandbytes", optimizers=only_torch)
     assert "bitsandbytes is not installed" in missing["optimizer"]["x"]
 
+def test_adamw_8bit_is_offered_without_bitsandbytes_and_needs_it_only_with_fp32_weights(
+    monkeypatch: pytest.MonkeyPatch, models: Path
+) -> None:
+    """Forge on a machine without CUDA has no bitsandbytes: the extension's own 8-bit AdamW (bf16 weights, any
+    device) stays selectable, and the form says what to change only where bitsandbytes' would be needed."""
+    no_bnb = lambda package: package != "bitsandbytes"  # noqa: E731
+    monkeypatch.setattr("dreambooth.ui.tab.unavailable_choices", lambda: unavailable_choices(installed=no_bnb))
+    monkeypatch.setattr("dreambooth.ui.features._installed", no_bnb)
+    monkeypatch.setattr("dreambooth.ui.features._gpu_has_bf16", lambda: False, raising=False)
+    host = RecordingHost(models)
+    supervisor = Supervisor(host, models / "dreambooth", models / "Stable-diffusion")
+    tab = build_tab(supervisor, host).dreambooth_tab
+    optimizer = next(c for c in tab.components if c.elem_id == "dreambooth_optimizer")
+    assert "adamw_8bit" in [c[0] if isinstance(c, (tuple, list)) else c for c in optimizer.choices]
+    supervisor.create_model("zwx", "base.safetensors")
+    config = supervisor.load_config("zwx")
+    config.optimizer, config.weights_dtype = "adamw_8bit", "bf16"
+    supervisor.save_config(config)
+    filled = tab.open_model("zwx")
+    assert filled[1 + tab._index("optimizer")] == "adamw_8bit" and "unavailable" not in filled[-1]
+    values = list(config_to_values(config, tab.fields)[0]) + [1]
+    assert tab.form_config(tuple(values)).optimizer == "adamw_8bit"
+    for weights in ("fp32", "auto"):  # 'auto' is fp32 where no CUDA GPU with bf16 trains
+        config.weights_dtype = weights
+        values = list(config_to_values(config, tab.fields)[0]) + [1]
+        with pytest.raises(ConfigError, match="bitsandbytes.*bf16"):
+            tab.form_config(tuple(values))
+    config.optimizer_in_backward = True  # the fused step is the extension's own kernel too
+    values = list(config_to_values(config, tab.fields)[0]) + [1]
+    assert tab.form_config(tuple(values)).optimizer == "adamw_8bit"
+
 
 def through_components(tab: DreamBoothTab, values: list) -> list:
     """What the components give back after showing ``values``: postprocess, then preprocess, as gradio does."""

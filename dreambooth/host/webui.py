@@ -40,8 +40,12 @@ class WebUiCommon:
     def checkpoint_file(self, name: str) -> Path:
         """The file behind any name the web UI's own closest-checkpoint lookup accepts (what ``/sdapi/v1/options``
         takes for ``sd_model_checkpoint``): a title with or without its hash, the file name, the name without
-        extension, a short or full hash, a path under the checkpoint folder."""
+        extension, a short or full hash, a path under the checkpoint folder. A file put into the folder since the
+        last listing (nobody pressed 🔄 yet) is found too: on a miss the list is read again once."""
         info = sd_models.get_closet_checkpoint_match(name)
+        if info is None:
+            self.refresh_checkpoints()
+            info = sd_models.get_closet_checkpoint_match(name)
         if info is None:
             raise KeyError(name)
         return Path(info.filename)

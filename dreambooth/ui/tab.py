@@ -23,7 +23,7 @@ from ..config import OptionSpec, TrainConfig, option_specs
 from ..errors import ConfigError, DreamBoothError
 from ..host.base import Host
 from ..supervisor import Supervisor
-from .features import unavailable_choices
+from .features import choice_problems, unavailable_choices
 from .form import MAX_CONCEPTS, Field, config_to_values, form_fields, values_to_config
 from .plot import loss_lr_svg
 from .progress import progress_html
@@ -318,6 +318,9 @@ class DreamBoothTab:
             value = getattr(config, name)
             if value in missing:
                 raise ConfigError(f"'{name}' is {value!r}, which is unavailable here: {missing[value]}.")
+        problems = choice_problems(config)
+        if problems:
+            raise ConfigError(" ".join(problems))
         return config
 
     def save(self, *values: Any) -> str:
