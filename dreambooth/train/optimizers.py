@@ -140,6 +140,12 @@ def _flat_adafactor(flat: FlatParameters, config: TrainConfig, compile: bool):
                          max_grad_norm=_clip(config), compile=compile)
 
 
+ADAFACTOR_PATHS = frozenset(PATHS) - {"step_graph"}
+"""Not in the whole-step CUDA graph: on the full-size SDXL UNet (H200, 2026-12-07, bench/peers.py) its compiled
+update failed inside the capture ('operation not permitted when stream is capturing'), and the aborted capture left
+the CUDA generator that stochastic rounding draws from unusable for the eager steps after it. The fused step runs
+it eagerly, as kohya's fused backward pass does."""
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -164,7 +170,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "adafactor",
             "Adafactor: transformers' arithmetic at the schedule's learning rate, no first moment, the second "
             "factored into row and column means (0.4 bytes of state a weight for SDXL): the least memory",
-            frozenset(PATHS),
+            ADAFACTOR_PATHS,
             _torch_adafactor,
             _flat_adafactor,
         ),
