@@ -258,6 +258,29 @@ def test_the_web_uis_own_lora_code_patches_in_what_the_engine_merges(tmp_path: P
     assert "LORA-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+@needs_a1111
+@pytest.mark.parametrize("family", ["sd2", "sd2-v", "sdxl"])
+def test_the_web_ui_lists_loads_and_samples_the_families_checkpoints(tmp_path: Path, family: str) -> None:
+    """A full-size seeded SD 2.x 512 (epsilon), 768 (v) or SDXL model written by our exporter (SD 2.x: the engine's
+    save after one training step): listed by the web UI, built by its own loader from the config it picks (from the
+    keys alone for SD 2.x 512 and SDXL; our v2-inference-v.yaml for 768-v), with the right class, family flags and
+    parameterization, and its txt2img draws with it (CPU, 64 px, finite latents)."""
+    script = Path(__file__).with_name("a1111_families_in_host.py")
+    result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data"), family],
+                            check=False, capture_output=True, text=True, timeout=1200)
+    assert "FAMILIES-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@needs_a1111
+def test_the_web_uis_own_lora_code_patches_in_an_sdxl_lora_of_ours(tmp_path: Path) -> None:
+    """A LoRA our writer makes for a full-size seeded SDXL (UNet and both text encoders, random adapters): the
+    built-in Lora matches every key and patches W + (alpha / rank) · up @ down into the very layer it came from."""
+    script = Path(__file__).with_name("a1111_sdxl_lora_in_host.py")
+    result = subprocess.run([webui_python(Path(WEBUI)), str(script), WEBUI, str(REPO), str(tmp_path / "data")],
+                            check=False, capture_output=True, text=True, timeout=1200)
+    assert "SDXL-LORA-IN-HOST OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 ADAPTER_MODULES = {"dreambooth.host.a1111", "dreambooth.host.webui", "dreambooth.extension"}
 
 
