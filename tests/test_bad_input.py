@@ -198,20 +198,19 @@ def test_a_full_disk_while_saving_leaves_no_partial_file_and_says_what_to_do(
 ):
     import errno
 
-    import safetensors.torch
-
     from dreambooth.errors import DiskFullError
+    from dreambooth.models import export
 
-    real_save = safetensors.torch.save_file
+    real_write = export.write_safetensors
 
-    def full_disk(tensors, filename, metadata=None):
+    def full_disk(filename, tensors, metadata=None):
         if "checkpoints" not in str(filename):
-            return real_save(tensors, filename, metadata=metadata)
+            return real_write(filename, tensors, metadata)
         with open(filename, "wb") as handle:
             handle.write(b"\0" * 1000)  # half a file, then the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(export, "write_safetensors", full_disk)
     with pytest.raises(DiskFullError) as error:
         run(make_config(max_steps=2, save_every=1), model_dir, events)
     assert "zwx_1.safetensors" in str(error.value) and "Free some space" in error.value.advice

@@ -191,18 +191,18 @@ def _web_ui_buildable(config_dir: Path) -> dict:
 def test_the_yaml_is_in_place_before_the_checkpoint_and_gone_if_the_checkpoint_fails(
     make_config, tiny, tmp_path, monkeypatch
 ):
-    import safetensors.torch
+    from dreambooth.models import export
 
     config = make_config()
     shaped = LoadedModel(tiny.components, "sd1", "s", diffusers_config=_web_ui_buildable(tiny.config_dir))
     output = tmp_path / "out"
     seen_when_writing = []
 
-    def crash(tensors, filename, metadata=None):
+    def crash(filename, tensors, metadata=None):
         seen_when_writing.append(sorted(p.name for p in output.iterdir() if p.is_file()))
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(export, "write_safetensors", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         _save(config, shaped, output, 1, Events())
     assert seen_when_writing == [["zwx_1.yaml"]]

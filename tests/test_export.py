@@ -92,14 +92,14 @@ def test_safetensors_header_carries_modelspec_and_training_summary(tmp_path, tin
 
 
 def test_a_failed_write_leaves_no_file_with_the_final_name(tmp_path, tiny, monkeypatch):
-    import safetensors.torch
+    from dreambooth.models import export
 
-    def crash_half_way(tensors, filename, metadata=None):
+    def crash_half_way(filename, tensors, metadata=None):
         with open(filename, "wb") as handle:
             handle.write(b"\0" * 4096)
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_half_way)
+    monkeypatch.setattr(export, "write_safetensors", crash_half_way)
     with pytest.raises(RuntimeError, match="power cut"):
         save_checkpoint(tmp_path / "m.safetensors", checkpoint_tensors(tiny.components))
     assert list(tmp_path.iterdir()) == []

@@ -37,7 +37,7 @@ def save_snapshot(
     keep: int,
 ) -> Path:
     """Write ``state_dir/step_<step>`` and keep only the newest ``keep`` snapshots."""
-    from safetensors.torch import save_file
+    from ..models.export import write_safetensors
 
     final = state_dir / f"{STEP_PREFIX}{step:08d}"
     temp = state_dir / f".{final.name}.partial"
@@ -45,8 +45,8 @@ def save_snapshot(
     temp.mkdir(parents=True)
     try:
         for name, model in models.items():
-            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(tensors, str(temp / f"{name}.safetensors"))
+            # a tensor at a time to the CPU and the file: no copy of the model in host memory
+            write_safetensors(temp / f"{name}.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
         torch.save(
             {"training": training_state, "rng": _rng_states()},
             str(temp / "training.pt"),
