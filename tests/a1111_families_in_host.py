@@ -56,6 +56,25 @@ def load_package(repo: Path) -> str:
     return package
 
 
+def place_clip_l(package: str) -> None:
+    """SDXL's first text encoder is built by the web UI from ``openai/clip-vit-large-patch14``'s config and tokenizer,
+    which a web UI downloads on first use: offline, its config (ViT-L, as shipped with our SDXL configs) and the
+    tokenizer rebuilt from open_clip's vocabulary go into the Hugging Face cache in use (the tests' own), unless
+    there already."""
+    host_yaml = import_module(f"{package}.models.host_yaml")
+    entry = host_yaml.hub_cache() / "models--openai--clip-vit-large-patch14"
+    if (entry / "refs" / "main").is_file():
+        return
+    folder = import_module(f"{package}.models.families").family_named("sdxl").stock_config_folder("epsilon")
+    configs = {"text_encoder/config.json": json.loads((folder / "text_encoder" / "config.json").read_text())}
+    commit = "0" * 40
+    for name, data in host_yaml.text_encoder_files(configs).items():
+        (entry / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (entry / "snapshots" / commit / name).write_bytes(data)
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
 def seeded_components(package: str, family_name: str, prediction: str, dtype):  # -> Components
     """The family's released shape (the shipped diffusers configs) with random weights from ``SEED``, each module
     built directly in ``dtype`` (an SDXL built in fp32 would need 14 GB on the way)."""
@@ -171,6 +190,8 @@ def main() -> None:
         # before, makes it fp32-safe; set it as a load with --no-half does.
         devices.dtype_unet = torch.float32
 
+    if sdxl:
+        place_clip_l(package)
     resolution = {"sdxl": 1024, "sd2": 512, "sd2-v": 768}[name]
     base = data / "base" / f"seeded-{name}.safetensors"
     components = seeded_components(package, family_name, prediction, torch.float16 if sdxl else torch.float32)

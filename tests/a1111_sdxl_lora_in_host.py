@@ -29,7 +29,7 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
-from a1111_families_in_host import export, generate, load_package, seeded_components, start_webui
+from a1111_families_in_host import export, generate, load_package, place_clip_l, seeded_components, start_webui
 
 RANK, ALPHA = 4, 3.0
 SAMPLES = 64  # positions of each weight compared with our model's
@@ -51,6 +51,7 @@ def main() -> None:
     networks = sys.modules["networks"]
     script_callbacks.before_ui_callback()  # registers the Lora page, as webui.py does before it builds the UI
     package = load_package(repo)
+    place_clip_l(package)
 
     def ours(module: str, name: str):
         return getattr(import_module(f"{package}.{module}"), name)
