@@ -20,13 +20,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
     from .speed.flat import FlatParameters
+
+
+class OptimizerSettings(Protocol):
+    """What the builders read of a run's settings (``config.TrainConfig`` has them; this module does not import
+    it, since ``config.py`` reads this table)."""
+
+    learning_rate: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    weight_decay: float
+    max_grad_norm: float
 
 PATHS = ("torch", "flat", "backward", "step_graph")
 
@@ -48,8 +59,8 @@ class OptimizerSpec:
     name: str
     help: str
     paths: frozenset[str]
-    build_torch: Callable[[list[dict], TrainConfig], Any]
-    build_flat: Callable[[FlatParameters, TrainConfig, bool], Any]
+    build_torch: Callable[[list[dict], OptimizerSettings], Any]
+    build_flat: Callable[[FlatParameters, OptimizerSettings, bool], Any]
     needs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def runs_on(self, path: str) -> bool:
@@ -57,7 +68,7 @@ class OptimizerSpec:
         return path in self.paths
 
 
-def adam_arguments(config: TrainConfig) -> dict:
+def adam_arguments(config: OptimizerSettings) -> dict:
     """Learning rate, betas, epsilon and weight decay of the AdamW variants, as keyword arguments."""
     return {
         "lr": config.learning_rate,
@@ -102,38 +113,38 @@ def bitsandbytes_or_none():
     return bnb if torch.cuda.is_available() else None
 
 
-def _clip(config: TrainConfig) -> float | None:
+def _clip(config: OptimizerSettings) -> float | None:
     return config.max_grad_norm or None
 
 
-def _torch_adamw(groups: list[dict], config: TrainConfig):
+def _torch_adamw(groups: list[dict], config: OptimizerSettings):
     return torch_adamw(groups, adam_arguments(config))
 
 
-def _flat_adamw(flat: FlatParameters, config: TrainConfig, compile: bool):
+def _flat_adamw(flat: FlatParameters, config: OptimizerSettings, compile: bool):
     from .speed.adamw import FlatAdamW
 
     return FlatAdamW(flat, **adam_arguments(config), max_grad_norm=_clip(config), compile=compile)
 
 
-def _torch_adamw_8bit(groups: list[dict], config: TrainConfig):
+def _torch_adamw_8bit(groups: list[dict], config: OptimizerSettings):
     return require_bitsandbytes().optim.AdamW8bit(groups, **adam_arguments(config))
 
 
-def _flat_adamw_8bit(flat: FlatParameters, config: TrainConfig, compile: bool):
+def _flat_adamw_8bit(flat: FlatParameters, config: OptimizerSettings, compile: bool):
     from .speed.adamw8bit import FlatAdamW8bit
 
     return FlatAdamW8bit(flat, **adam_arguments(config), max_grad_norm=_clip(config), compile=compile)
 
 
-def _torch_adafactor(groups: list[dict], config: TrainConfig):
+def _torch_adafactor(groups: list[dict], config: OptimizerSettings):
     from transformers.optimization import Adafactor
 
     return Adafactor(groups, lr=config.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
                      weight_decay=config.weight_decay)
 
 
-def _flat_adafactor(flat: FlatParameters, config: TrainConfig, compile: bool):
+def _flat_adafactor(flat: FlatParameters, config: OptimizerSettings, compile: bool):
     from .speed.adafactor import FlatAdafactor
 
     return FlatAdafactor(flat, lr=config.learning_rate, weight_decay=config.weight_decay,
