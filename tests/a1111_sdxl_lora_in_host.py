@@ -85,7 +85,7 @@ def main() -> None:
     metadata = lora_file.lora_metadata(family, "epsilon", 1024, lora.stem, "zwx-sdxl (random adapters)", layers,
                                        {})
     save_file(lora_file.lora_tensors(layers, torch.float16), str(lora), metadata=metadata)
-    del components, layers
+    del components, layers, model, layer, up, weight  # nothing of our model stays in memory beside the web UI's
     gc.collect()
     in_file, header = lora_file.read_lora(lora)
     assert set(in_file) == set(fingerprints), sorted(set(in_file) ^ set(fingerprints))[:5]
