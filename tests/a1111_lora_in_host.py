@@ -13,12 +13,13 @@ Usage: python a1111_lora_in_host.py <webui dir> <this repository> <empty data di
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
 from importlib import import_module
 from pathlib import Path
+
+from lora_log_in_host import watch_unmatched  # beside this script: the first entry of sys.path
 
 webui, repo, data = (Path(a).resolve() for a in sys.argv[1:4])
 checkpoints = data / "models" / "Stable-diffusion"
@@ -72,22 +73,7 @@ for i in range(3):
     Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photos / f"{i}.png")
 
 
-class Unmatched(logging.Handler):
-    """The Lora's report of keys it found no module for (``load_network``: a debug line, the load goes on)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "didn't match keys" in message or "couldn't find supported operation" in message:
-            self.lines.append(message)
-
-
-unmatched = Unmatched()
-logging.getLogger().addHandler(unmatched)
-logging.getLogger().setLevel(logging.DEBUG)
+unmatched = watch_unmatched()
 
 
 def check(name: str, source: Path) -> dict:

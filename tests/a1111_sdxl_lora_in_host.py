@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import sys
 from importlib import import_module
 from pathlib import Path
 
 from a1111_families_in_host import export, generate, load_package, place_clip_l, seeded_components, start_webui
+from lora_log_in_host import watch_unmatched  # beside this script: the first entry of sys.path
 
 RANK, ALPHA = 4, 3.0
 SAMPLES = 64  # positions of each weight compared with our model's
@@ -97,19 +97,7 @@ def main() -> None:
     sd_models.load_model(sd_models.get_closet_checkpoint_match(checkpoint.name))
     assert shared.sd_model.is_sdxl and Path(shared.sd_model.sd_checkpoint_info.filename) == checkpoint
 
-    class Unmatched(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.DEBUG)
-            self.lines: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage()
-            if "didn't match keys" in message or "couldn't find supported operation" in message:
-                self.lines.append(message)
-
-    unmatched = Unmatched()
-    logging.getLogger().addHandler(unmatched)
-    logging.getLogger().setLevel(logging.DEBUG)
+    unmatched = watch_unmatched()
     networks.extra_network_lora.errors.clear()
     picture = generate(shared.sd_model, f"a photo of zwx <lora:{lora.stem}:1>")
     assert [n.name for n in networks.loaded_networks] == [lora.stem], networks.loaded_networks
