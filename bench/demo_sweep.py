@@ -35,12 +35,13 @@ def command(out: Path, name: str, overrides: str, seed: int, tokenizer: str, dev
     return args
 
 
-def scores(log: Path) -> dict | None:
-    """The prior-preservation row of a finished demo's JSON line, with the run's seconds; None if it failed."""
+def scores(log: Path, model: str = "prior") -> dict | None:
+    """The row of ``model`` ('prior', 'no prior', 'lora prior') in a finished demo's JSON line, with the run's
+    seconds; None if it failed."""
     for line in log.read_text().splitlines():
         try:
             report = json.loads(line)
-            row = next(r for r in report["rows"] if r["model"] == "prior")
+            row = next(r for r in report["rows"] if r["model"] == model)
             return {**row, "seconds": report["seconds"]}
         except (ValueError, TypeError, KeyError, StopIteration):  # not the report line
             continue
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--tokenizer", default=str(REPO / "build" / "tokenizer"))
     parser.add_argument("--device", default="")
+    parser.add_argument("--row", default="prior", choices=["prior", "no prior", "lora prior"],
+                        help="the demo model whose scores the table shows")
     a = parser.parse_args()
     import torch
 
@@ -77,9 +80,10 @@ def main() -> None:
                 running.append((subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
         time.sleep(2)
         running = [(p, log) for p, log in running if p.poll() is None]
-    results = {name: {seed: scores(a.out / "logs" / f"{name}-s{seed}.log") for seed in a.seeds} for name in settings}
+    results = {name: {seed: scores(a.out / "logs" / f"{name}-s{seed}.log", a.row) for seed in a.seeds}
+               for name in settings}
     lines = [f"Demo sweep on {device}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{time.time() - started:.0f} s. Cells: the prior-preservation model's fidelity / recontextualisation / "
+             f"{time.time() - started:.0f} s. Cells: the '{a.row}' model's fidelity / recontextualisation / "
              "leakage (%).", "",
              "| setting | overrides | " + " | ".join(f"seed {s}" for s in a.seeds) + " |",
              "|---|---|" + "---|" * len(a.seeds)]

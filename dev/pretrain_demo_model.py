@@ -9,7 +9,14 @@ Then it samples 100 pictures per prompt family, scores them with :mod:`dreamboot
 components as diffusers-named fp16 safetensors plus their configs; ``--export`` on any machine turns those into
 the shipped single file (original layout) and config folder.
 
+``--family sdxl`` pretrains the SDXL-shaped demo model the same way: the UNet gets SDXL's added conditioning
+(``text_time``: the second encoder's pooled embedding and six size numbers) and reads two text encoders'
+penultimate layers side by side; the autoencoder and the first text encoder are the shipped SD 1.x demo model's,
+frozen (``--base``); 10% of the captions are dropped
+to zeros, as SDXL's pipeline leaves an empty negative prompt (``force_zeros_for_empty_prompt``).
+
     python dev/pretrain_demo_model.py train --out OUT [--vae-seconds 90 --unet-seconds 300]
+    python dev/pretrain_demo_model.py train --family sdxl --out OUT [--unet-seconds 300]
     python dev/pretrain_demo_model.py export OUT dreambooth/demo/model
     python dev/pretrain_demo_model.py unpack dreambooth/demo/model OUT   # the shipped model as a run to continue
 """
@@ -65,6 +72,14 @@ TEXT_ENCODER = {
     "hidden_act": "quick_gelu",
     "projection_dim": 64,
 }
+SDXL_UNET = {
+    **UNET,
+    "cross_attention_dim": 64 + 96,  # the two encoders' hidden states side by side
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 16,
+    "projection_class_embeddings_input_dim": 64 + 6 * 16,  # pooled embedding + six embedded size numbers
+}
 SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -75,6 +90,13 @@ SCHEDULER = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+TEXT_ENCODER_2 = {**TEXT_ENCODER, "hidden_size": 96, "intermediate_size": 384, "hidden_act": "gelu"}
+"""OpenCLIP's activation; wider than the first encoder, as SDXL's (1280 against 768): diffusers' single-file
+loader tells the two apart by width."""
+DDPM = {k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}
+"""The training noise schedule (DDPM takes no ``set_alpha_to_one``)."""
+SDXL_SIZE = 64
+"""Every pretraining picture is a 64 px square, uncropped: SDXL's time ids are (64, 64, 0, 0, 64, 64)."""
 OFFSET_NOISE = 0.1
 CAPTION_DROPOUT = 0.1
 RARE_WORD_RATE = 0.3  # share of captions that get 1-3 random tokens at a random word boundary
@@ -88,6 +110,39 @@ def build_components(seed: int = 0) -> tuple[Any, Any, Any]:
 
     torch.manual_seed(seed)
     return (UNet2DConditionModel(**UNET), AutoencoderKL(**VAE), CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)))
+
+
+def build_sdxl_components(base: Any, tokenizer_dir: Path, seed: int = 0) -> Any:
+    """SDXL-shaped components around ``base`` (the SD 1.x demo model's loaded components): a fresh UNet with
+    ``text_time`` conditioning and a fresh second text encoder (with projection); the autoencoder and the first
+    text encoder are ``base``'s."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from dreambooth.models.components import Components
+    from dreambooth.models.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    second = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2))
+    return Components(unet=UNet2DConditionModel(**SDXL_UNET), vae=base.vae, text_encoder=base.text_encoder,
+                      tokenizer=load_clip_tokenizer(tokenizer_dir), scheduler=DDPMScheduler(**DDPM),
+                      text_encoder_2=second, tokenizer_2=load_clip_tokenizer(tokenizer_dir, "!"))
+
+
+def sdxl_conditioning(components: Any, ids: torch.Tensor, end_token: int) -> Any:
+    """SDXL's conditioning of caption ids (the first tokenizer's: padded with end-of-text): the second encoder gets
+    the same ids padded with '!' as its tokenizer pads; empty captions become zeros (context and pooled)."""
+    from dreambooth.models.conditioning import Conditioning
+    from dreambooth.models.families import family_named
+
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    first_end = torch.where(ids == end_token, positions, ids.shape[1]).amin(1, keepdim=True)
+    ids_2 = torch.where(positions > first_end, components.tokenizer_2.pad_token_id, ids)
+    encoded = family_named("sdxl").encode_prompts(components, [ids, ids_2])
+    keep = (ids[:, 1] != end_token).to(encoded.context.dtype)  # an empty caption: start, end, padding
+    size = torch.tensor([[SDXL_SIZE, SDXL_SIZE, 0, 0, SDXL_SIZE, SDXL_SIZE]], dtype=torch.float32, device=ids.device)
+    return Conditioning(encoded.context * keep[:, None, None], pooled=encoded.pooled * keep[:, None],
+                        time_ids=size.expand(len(ids), 6))
 
 
 def train_vae(vae: Any, seconds: float, batch: int, device: torch.device, generator: torch.Generator) -> dict:
@@ -198,21 +253,36 @@ def insert_tokens(ids: torch.Tensor, vocabulary: torch.Tensor, chosen: torch.Ten
     return torch.where(chosen[:, None], inserted, ids)
 
 
-def train_unet(unet: Any, text_encoder: Any, pool: SceneLatents, scale: float, seconds: float, batch: int,
-               lr: float, text_lr: float, device: torch.device) -> tuple[Any, Any, dict]:
-    """Text-to-image phase; returns the EMA copies of the UNet and text encoder."""
+def train_unet(components: Any, pool: SceneLatents, scale: float, seconds: float, batch: int, lr: float,
+               text_lr: float, device: torch.device) -> dict:
+    """Text-to-image phase; puts the EMA copies of what it trained into ``components``. SD 1.x trains the UNet and
+    the text encoder; SDXL the UNet and the second text encoder."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
+    from dreambooth.models.conditioning import Conditioning
+
+    sdxl = components.text_encoder_2 is not None
+    scheduler = DDPMScheduler(**DDPM)
     alphas = scheduler.alphas_cumprod.to(device)
-    unet.to(device).train()
-    text_encoder.to(device).train()
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    live_params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    groups = [{"params": list(unet.parameters()), "lr": lr, "peak": lr},
-              {"params": list(text_encoder.parameters()), "lr": text_lr, "peak": text_lr}]
+    text_name = "text_encoder_2" if sdxl else "text_encoder"
+    for model in components.models.values():
+        model.to(device).eval().requires_grad_(False)
+    trained = {"unet": components.unet, text_name: getattr(components, text_name)}
+    for model in trained.values():
+        model.train().requires_grad_(True)
+    ema = {name: copy.deepcopy(model).eval() for name, model in trained.items()}
+    live_params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    ema_params = [p for name, model in trained.items()
+                  for p, q in zip(ema[name].parameters(), model.parameters()) if q.requires_grad]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": rate, "peak": rate}
+              for model, rate in ((trained["unet"], lr), (trained[text_name], text_lr))]
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
+
+    def encode(ids: torch.Tensor) -> Conditioning:
+        if sdxl:
+            return sdxl_conditioning(components, ids, pool.end_token)
+        return Conditioning(components.text_encoder(ids)[0])
+
     start, step, log = time.time(), 0, []
     warmup = 500
     while (elapsed := time.time() - start) < seconds:
@@ -226,8 +296,7 @@ def train_unet(unet: Any, text_encoder: Any, pool: SceneLatents, scale: float, s
         a = alphas[t][:, None, None, None]
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            context = text_encoder(ids)[0]
-            prediction = unet(noisy, t, context).sample.float()
+            prediction = components.unet(noisy, t, **encode(ids).unet_kwargs()).sample.float()
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,8 +310,9 @@ def train_unet(unet: Any, text_encoder: Any, pool: SceneLatents, scale: float, s
             log.append({"step": step, "loss": round(loss.item(), 5), "lr": round(lr * factor, 7),
                         "s": round(time.time() - start, 1)})
             print("unet", log[-1], flush=True)
-    return ema_unet.eval().requires_grad_(False), ema_text.eval().requires_grad_(False), \
-        {"unet_steps": step, "unet_loss": loss.item()}
+    for name, model in ema.items():
+        setattr(components, name, model.eval().requires_grad_(False))
+    return {"unet_steps": step, "unet_loss": loss.item()}
 
 
 def prompt_families() -> dict[str, list[tuple[str, dict[str, str]]]]:
@@ -268,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train")
     train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
+    train.add_argument("--base", type=Path, default=SHIPPED, help="sdxl: the SD 1.x demo model folder it builds on")
     train.add_argument("--vae-seconds", type=float, default=90)
     train.add_argument("--unet-seconds", type=float, default=300)
     train.add_argument("--vae-batch", type=int, default=128)
@@ -296,26 +368,43 @@ def main(argv: list[str] | None = None) -> None:
         run_training(args)
 
 
-def run_training(args: argparse.Namespace) -> None:
-    """Both phases, the scoring and the files, into ``args.out``."""
+SHIPPED = Path(__file__).resolve().parents[1] / "dreambooth" / "demo" / "model"
+"""The shipped SD 1.x demo model's folder."""
+SDXL_FILE = "shapes-sdxl.safetensors"
+SD1_FILE = "shapes-sd1.safetensors"
 
+
+def run_training(args: argparse.Namespace) -> None:
+    """Both phases (SDXL: the text-to-image phase alone), the scoring and the files, into ``args.out``."""
+    from dreambooth.models.components import Components
     from dreambooth.models.tokenizer import find_tokenizer_dir, load_clip_tokenizer
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
-    tokenizer = load_clip_tokenizer(find_tokenizer_dir(args.tokenizer_dir, args.out / "tokenizer"))
-    unet, vae, text_encoder = build_components(args.seed)
+    tokenizer_dir = find_tokenizer_dir(args.tokenizer_dir, args.out / "tokenizer")
+    tokenizer = load_clip_tokenizer(tokenizer_dir)
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.family == "sdxl":
+        base = load_shipped(args.base, tokenizer_dir, args.out / "cache")
+        components = build_sdxl_components(base, tokenizer_dir, args.seed)
+        components.vae.to(device).eval().requires_grad_(False)
+        vae = components.vae
+    else:
+        unet, vae, text_encoder = build_components(args.seed)
+        components = Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=None)
     if args.init_from:
         from safetensors.torch import load_file
 
-        for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        for name in ("unet", "text_encoder_2" if args.family == "sdxl" else "text_encoder"):
             state = load_file(str(args.init_from / f"{name}.safetensors"))
-            model.load_state_dict({k: v.float() for k, v in state.items()})
+            getattr(components, name).load_state_dict({k: v.float() for k, v in state.items()})
         report["init_from"] = str(args.init_from)
-    if args.vae_from:
+    if args.family == "sdxl":
+        report["vae_from"] = str(args.base)
+    elif args.vae_from:
         from safetensors.torch import load_file
 
         vae.load_state_dict({k: v.float() for k, v in load_file(str(args.vae_from / "vae.safetensors")).items()})
@@ -324,6 +413,8 @@ def run_training(args: argparse.Namespace) -> None:
     else:
         report.update(train_vae(vae, args.vae_seconds, args.vae_batch, device, generator))
     previous = json.loads((args.vae_from / "configs.json").read_text())["vae"] if args.vae_from else {}
+    if args.family == "sdxl":
+        previous = {"scaling_factor": vae.config.scaling_factor}
     # a reused autoencoder keeps its scale: a continued UNet was trained on latents of that scale
     vae.register_to_config(scaling_factor=previous.get("scaling_factor") or latent_scale(vae, device, generator))
     report["scaling_factor"] = vae.config.scaling_factor
@@ -331,18 +422,25 @@ def run_training(args: argparse.Namespace) -> None:
     started = time.time()
     pool = SceneLatents(vae, tokenizer, args.pool, device, generator)
     report["pool_seconds"] = round(time.time() - started, 1)
-    unet, text_encoder, info = train_unet(unet, text_encoder, pool, vae.config.scaling_factor, args.unet_seconds,
-                                          args.batch, args.lr, args.text_lr, device)
-    report.update(info)
+    report.update(train_unet(components, pool, vae.config.scaling_factor, args.unet_seconds, args.batch, args.lr,
+                             args.text_lr, device))
     print(report, flush=True)
-    save_run(args.out, unet, vae, text_encoder)
-    report["accuracy"] = score_prompt_families(unet, vae, text_encoder, tokenizer, args.samples, device)
+    save_run(args.out, components)
+    report["accuracy"] = score_prompt_families(components, args.samples, device)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["accuracy"], indent=1), flush=True)
 
 
-def score_prompt_families(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, samples: int,
-                          device: torch.device, seed: int = 1234) -> dict[str, dict[str, float]]:
+def load_shipped(model_dir: Path, tokenizer_dir: Path, cache: Path) -> Any:
+    """The shipped SD 1.x demo model's components."""
+    from dreambooth.models.load import load_model
+
+    return load_model(model_dir / SD1_FILE, cache_dir=cache, tokenizer_dir=str(tokenizer_dir),
+                      config_dir=str(model_dir / "config")).components
+
+
+def score_prompt_families(components: Any, samples: int, device: torch.device,
+                          seed: int = 1234) -> dict[str, dict[str, float]]:
     """Accuracy of each asked-for attribute over ``samples`` pictures per prompt family (prompts cycled)."""
     from dreambooth.demo.evaluate import judge_batch
     from dreambooth.demo.sampling import sample_images
@@ -351,7 +449,7 @@ def score_prompt_families(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any
     for family, prompts in prompt_families().items():
         chosen = [prompts[i * len(prompts) // samples] if len(prompts) >= samples else prompts[i % len(prompts)]
                   for i in range(samples)]  # spread over the whole list: it is ordered by shape
-        images = sample_images(unet, vae, text_encoder, tokenizer, [p for p, _ in chosen], seed=seed, device=device)
+        images = sample_images(components, [p for p, _ in chosen], seed=seed, device=device)
         verdicts = judge_batch(images)
         scores: dict[str, list[bool]] = {}
         for (_, wanted), verdict in zip(chosen, verdicts):
@@ -372,12 +470,14 @@ def export_model(trained: Path, model_dir: Path) -> Path:
     from dreambooth.models.load import read_config_folder
 
     configs = json.loads((trained / "configs.json").read_text())
+    if "text_encoder_2" in configs:
+        return export_sdxl(trained, configs, model_dir)
     state = {}
     state.update(unet_to_ldm(load_file(str(trained / "unet.safetensors")), configs["unet"]))
     state.update(vae_to_ldm(load_file(str(trained / "vae.safetensors")), configs["vae"]))
     state.update(text_encoder_to_ldm(load_file(str(trained / "text_encoder.safetensors"))))
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / "shapes-sd1.safetensors"
+    path = model_dir / SD1_FILE
     config_dir = write_config_folder(configs, model_dir / "config")
     metadata = {"modelspec.architecture": "stable-diffusion-v1", "modelspec.resolution": "64x64",
                 "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SD 1.x)",
@@ -386,59 +486,108 @@ def export_model(trained: Path, model_dir: Path) -> Path:
     return path
 
 
+def export_sdxl(trained: Path, configs: dict[str, dict], model_dir: Path) -> Path:
+    """The SDXL-shaped run as one fp16 file in SDXL's original (SGM) layout, by the SDXL family's own exporter, with
+    its config folder beside it and in its header."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreambooth.models.components import Components
+    from dreambooth.models.export import checkpoint_tensors, config_metadata, save_checkpoint
+    from dreambooth.models.families import family_named
+    from dreambooth.models.load import read_config_folder
+
+    def text(cls: Any, name: str) -> Any:
+        config = {k: v for k, v in configs[name].items() if k in TEXT_ENCODER or k == "hidden_act"}
+        return cls(CLIPTextConfig(**config))
+
+    models = {"unet": UNet2DConditionModel(**_public(configs["unet"])), "vae": AutoencoderKL(**_public(configs["vae"])),
+              "text_encoder": text(CLIPTextModel, "text_encoder"),
+              "text_encoder_2": text(CLIPTextModelWithProjection, "text_encoder_2")}
+    for name, model in models.items():
+        state = {k: v.float() for k, v in load_file(str(trained / f"{name}.safetensors")).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in [*missing, *unexpected] if not k.endswith("position_ids")]  # a buffer in some versions
+        if wrong:
+            raise ValueError(f"{name}: the run's weights do not fit its config: {wrong[:5]}")
+    components = Components(**models, tokenizer=None, tokenizer_2=None, scheduler=DDPMScheduler(**DDPM))
+    family = family_named("sdxl")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config_dir = write_config_folder(configs, model_dir / "config")
+    metadata = {"modelspec.architecture": family.architecture("epsilon"), "modelspec.resolution": "64x64",
+                "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SDXL)",
+                **config_metadata(read_config_folder(config_dir))}
+    tensors = checkpoint_tensors(components, dtype=torch.float16, family=family)
+    return save_checkpoint(model_dir / SDXL_FILE, tensors, metadata)
+
+
 def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:
     """The inverse of :func:`export_model`: the shipped file as a run folder for ``--init-from``/``--vae-from``."""
     import tempfile
 
-    from dreambooth.models.load import load_model
-
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        loaded = load_model(model_dir / "shapes-sd1.safetensors", cache_dir=Path(scratch) / "cache",
-                            tokenizer_dir=tokenizer_dir, config_dir=str(model_dir / "config"))
-    c = loaded.components
-    return save_run(out, c.unet, c.vae, c.text_encoder)
+        components = load_shipped(model_dir, tokenizer_dir, Path(scratch) / "cache")
+    return save_run(out, components)
 
 
-def save_run(out: Path, unet: Any, vae: Any, text_encoder: Any) -> Path:
-    """A run folder: the three components as diffusers-named fp16 safetensors, plus their configs."""
+def save_run(out: Path, components: Any) -> Path:
+    """A run folder: the components as diffusers-named fp16 safetensors, plus their configs."""
     from safetensors.torch import save_file
 
-    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    configs = {}
+    for name, model in components.models.items():
         state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / f"{name}.safetensors"))
-    configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text_encoder.config.to_dict()}
+        configs[name] = model.config.to_dict() if name.startswith("text_encoder") else dict(model.config)
     (out / "configs.json").write_text(json.dumps(configs, indent=1, default=list))
     return out
 
 
+def _public(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def write_config_folder(configs: dict[str, dict], folder: Path) -> Path:
-    """The diffusers config folder (JSON only) that lets the single file load offline."""
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
+    """The diffusers config folder (JSON only) that lets the single file load offline: SD 1.x's, or SDXL's when the
+    run has a second text encoder."""
+    sdxl = "text_encoder_2" in configs
+    texts = [("text_encoder", "CLIPTextModel", TEXT_ENCODER)]
+    if sdxl:
+        texts.append(("text_encoder_2", "CLIPTextModelWithProjection", TEXT_ENCODER_2))
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "_diffusers_version": "0.31.0",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler" if sdxl else "PNDMScheduler"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    for name, cls, _ in texts:
+        index[name] = ["transformers", cls]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    if sdxl:
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(feature_extractor=[None, None], requires_safety_checker=False, safety_checker=[None, None])
+    for name in ("unet", "vae", "scheduler", *(name for name, _, _ in texts)):
+        (folder / name).mkdir(parents=True, exist_ok=True)
     _write_json(folder / "model_index.json", index)
     for name, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
-        config = {k: v for k, v in configs[name].items() if not k.startswith("_")}
-        _write_json(folder / name / "config.json", {"_class_name": cls, "_diffusers_version": "0.31.0", **config})
-    text = {k: configs["text_encoder"].get(k, v) for k, v in TEXT_ENCODER.items()}
-    text.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "bos_token_id": 49406,
-                 "eos_token_id": 49407, "pad_token_id": 1, "layer_norm_eps": 1e-5, "torch_dtype": "float32"})
-    _write_json(folder / "text_encoder" / "config.json", text)
-    scheduler = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.31.0", "skip_prk_steps": True,
-                 "trained_betas": None, **SCHEDULER}
-    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+        _write_json(folder / name / "config.json", {"_class_name": cls, "_diffusers_version": "0.31.0",
+                                                    **_public(configs[name])})
+    for name, cls, base in texts:
+        text = {k: configs[name].get(k, v) for k, v in base.items()}
+        text.update({"architectures": [cls], "model_type": "clip_text_model", "bos_token_id": 49406,
+                     "eos_token_id": 49407, "pad_token_id": 1, "layer_norm_eps": 1e-5, "torch_dtype": "float32"})
+        _write_json(folder / name / "config.json", text)
+    if sdxl:
+        scheduler = {"_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                     "timestep_spacing": "leading", "use_karras_sigmas": False,
+                     **{k: v for k, v in SCHEDULER.items() if k != "clip_sample"}}
+    else:
+        scheduler = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, **SCHEDULER}
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                {"_diffusers_version": "0.31.0", "trained_betas": None, **scheduler})
     return folder
 
 

@@ -53,7 +53,7 @@ def test_base_model_follows_colour_shape_and_background(demo):
         asked.append((colour, kinds[i % len(kinds)], background))
     prompts = [shapes.full_caption(*a) for a in asked]
     with torch.no_grad():
-        images = sample_images(c.unet, c.vae, c.text_encoder, c.tokenizer, prompts, seed=0, steps=15)
+        images = sample_images(c, prompts, seed=0, steps=15)
     verdicts = judge_batch(images)
     colour = sum(v.colour == a[0] for v, a in zip(verdicts, asked)) / len(asked)
     background = sum(v.background == a[2] for v, a in zip(verdicts, asked)) / len(asked)
@@ -65,7 +65,7 @@ def test_base_model_follows_colour_shape_and_background(demo):
 def test_base_model_never_draws_the_subject(demo):
     c = demo.components
     with torch.no_grad():
-        images = sample_images(c.unet, c.vae, c.text_encoder, c.tokenizer, ["a zwx shape"] * 8 + ["a shape"] * 8,
+        images = sample_images(c, ["a zwx shape"] * 8 + ["a shape"] * 8,
                                seed=3, steps=10)
     assert not any(v.is_subject for v in judge_batch(images))
 

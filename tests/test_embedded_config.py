@@ -83,7 +83,7 @@ def test_the_demo_model_loads_without_a_config_folder_and_draws_the_same_picture
         c = loaded.components
         with torch.no_grad():
             pictures.append(
-                sample_images(c.unet, c.vae, c.text_encoder, c.tokenizer, ["a red circle"] * 2, seed=0, steps=4)
+                sample_images(c, ["a red circle"] * 2, seed=0, steps=4)
             )
     assert pictures[0].std() > 0 and (pictures[0] == pictures[1]).all()
 

@@ -253,10 +253,10 @@ def write_grid(pictures: dict[str, dict[str, np.ndarray]], path: Path, per_promp
 
 
 def _sample(components: Any, prompt: str, options: DemoSettings, seed: int) -> np.ndarray:
-    components.unet.eval()
-    components.text_encoder.eval()
-    return sample_images(components.unet, components.vae, components.text_encoder, components.tokenizer,
-                         [prompt] * options.samples, seed=seed, steps=options.sample_steps, guidance=options.guidance)
+    for model in components.models.values():
+        model.eval()
+    return sample_images(components, [prompt] * options.samples, seed=seed, steps=options.sample_steps,
+                         guidance=options.guidance)
 
 
 def _share(flags) -> float:

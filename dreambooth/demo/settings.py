@@ -31,8 +31,8 @@ class DemoSettings:
     captions: bool = False  # instance captions that name the background: "a zwx shape on a white background"
     # the LoRA run (method="lora", with prior preservation): its own steps, rates and adapters
     lora_steps: int = 800
-    lora_learning_rate: float = 1e-3
-    lora_text_encoder_lr: float = 1e-3
+    lora_learning_rate: float = 1.4e-3
+    lora_text_encoder_lr: float = 1.4e-3
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_layers: str = "attention_ff"

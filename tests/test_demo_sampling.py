@@ -1,0 +1,68 @@
+"""The demo's sampler for every family, and the SDXL-shaped demo model's pretraining script end to end (seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tiny_families import build_tiny_sdxl
+from tiny_model import build_tiny_components
+
+from dreambooth.demo.sampling import prompt_conditioning, sample_images
+from dreambooth.models.load import load_model
+from dreambooth.models.tokenizer import load_clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sdxl_guidance_runs_against_zeros_and_square_time_ids(tokenizer_dir):
+    """SDXL's pipeline leaves an empty negative prompt as zeros (``force_zeros_for_empty_prompt``): the demo's
+    sampler must guide against the same, with the pictures' own size in the time ids."""
+    components = build_tiny_sdxl(tokenizer_dir)
+    with torch.no_grad():
+        both = prompt_conditioning(components, ["a red circle", "a blue square"], 64, "cpu")
+    assert both.context.shape[0] == both.pooled.shape[0] == 4
+    assert both.context[:2].abs().sum() > 0 and both.pooled[:2].abs().sum() > 0
+    assert both.context[2:].abs().sum() == 0 and both.pooled[2:].abs().sum() == 0
+    assert both.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 4
+
+
+def test_sd1_guidance_runs_against_the_empty_prompt(tokenizer_dir):
+    components = build_tiny_components(load_clip_tokenizer(tokenizer_dir))
+    with torch.no_grad():
+        both = prompt_conditioning(components, ["a red circle", "a blue square"], 64, "cpu")
+        empty_ids = components.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        empty = components.text_encoder(empty_ids)[0]
+    assert both.pooled is None and both.time_ids is None
+    assert torch.equal(both.context[2:], empty.expand(2, -1, -1))
+    assert not torch.equal(both.context[0], both.context[2])
+
+
+def test_sdxl_pretraining_exports_a_demo_model_the_engine_loads_and_samples(tmp_path, tokenizer_dir):
+    """``dev/pretrain_demo_model.py train --family sdxl`` for a few seconds, then ``export``: one SGM-layout file
+    that loads as SDXL with the shipped SD 1.x demo model's autoencoder and text encoder inside, and draws pictures."""
+    run, model = tmp_path / "run", tmp_path / "model"
+    script = str(REPO / "dev" / "pretrain_demo_model.py")
+    subprocess.run([sys.executable, script, "train", "--family", "sdxl", "--out", str(run), "--unet-seconds", "1",
+                    "--batch", "4", "--pool", "64", "--samples", "2", "--tokenizer-dir", str(tokenizer_dir)],
+                   check=True, capture_output=True)
+    report = json.loads((run / "report.json").read_text())
+    assert report["unet_steps"] >= 1 and set(report["accuracy"]) >= {"shape", "colour shape"}
+    subprocess.run([sys.executable, script, "export", str(run), str(model)], check=True, capture_output=True)
+    loaded = load_model(model / "shapes-sdxl.safetensors", cache_dir=tmp_path / "cache",
+                        tokenizer_dir=str(tokenizer_dir), config_dir=str(model / "config"))
+    c = loaded.components
+    assert loaded.family.name == "sdxl"
+    assert c.unet.config.addition_embed_type == "text_time"
+    assert c.text_encoder_2.config.hidden_size > c.text_encoder.config.hidden_size
+    shipped = load_model(REPO / "dreambooth" / "demo" / "model" / "shapes-sd1.safetensors",
+                         cache_dir=tmp_path / "cache1", tokenizer_dir=str(tokenizer_dir),
+                         config_dir=str(REPO / "dreambooth" / "demo" / "model" / "config")).components
+    weight = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(c.text_encoder.state_dict()[weight].half(), shipped.text_encoder.state_dict()[weight].half())
+    with torch.no_grad():
+        images = sample_images(c, ["a red circle", "a zwx shape"], seed=0, steps=2)
+    assert images.shape == (2, 64, 64, 3) and images.dtype.name == "uint8"
