@@ -81,7 +81,8 @@ def test_a_merged_lora_gives_base_plus_its_change_and_leaves_other_layers_alone(
         torch.testing.assert_close(merged[stem], base[stem] + delta, rtol=0, atol=1e-6)
         torch.testing.assert_close(halved[stem] - base[stem], delta / 2, rtol=1e-4, atol=1e-6)
     untouched = [s for s in base if s not in layers]
-    assert "lora_unet_conv_in" in untouched and "lora_te_text_model_encoder_layers_0_mlp_fc1" not in untouched
+    conv_in = lora_name(SD1, "unet", "conv_in", tiny.components.unet.config)
+    assert conv_in in untouched and "lora_te_text_model_encoder_layers_0_mlp_fc1" not in untouched
     for stem in untouched:
         assert torch.equal(merged[stem], base[stem]), stem
     with safe_open(str(full.path), framework="pt") as f:
@@ -127,7 +128,7 @@ def test_an_extract_merged_back_gives_the_tuned_weights(tmp_path, tiny, tokenize
     assert "lora_te_text_model_encoder_layers_1_self_attn_v_proj" in layers
     assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "2"
     assert header["ss_base_model_version"] == "sd_v1"
-    conv = layers["lora_unet_down_blocks_0_resnets_0_conv1"]
+    conv = layers[lora_name(SD1, "unet", "down_blocks.0.resnets.0.conv1", tiny.components.unet.config)]
     assert conv.down.shape == (4, 32, 3, 3) and conv.up.shape == (32, 4, 1, 1)
     for stem, change in changed.items():  # rank 3 ≤ 4: exact but for rounding
         torch.testing.assert_close(layers[stem].delta(), change, rtol=0, atol=1e-5)

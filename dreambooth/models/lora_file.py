@@ -4,8 +4,10 @@ One safetensors file; each adapted layer has ``<name>.lora_down.weight`` ([rank,
 ``<name>.lora_up.weight`` ([outputs, rank(, 1, 1)]) and ``<name>.alpha``; its weight in use is
 ``W + strength · (alpha / rank) · up @ down``. ``<name>`` is the family's prefix for the part (``lora_unet_``,
 ``lora_te_``; SDXL ``lora_te1_``/``lora_te2_``) and the layer's module path with ``_`` for ``.``, as diffusers
-names it, or for SDXL's UNet as the single file does (``family.lora_unet_names``). The header carries the
-``ss_*`` training keys the web UI's Lora card shows, and ModelSpec.
+names it, or as the single file does: for SDXL's UNet (``family.lora_unet_names``), and for any UNet whose block
+layout is not the released SD 1.x/2.x one, which the web UI's Lora assumes when it turns diffusers names into its
+own (``webui_reads_diffusers_unet_names``). The header carries the ``ss_*`` training keys the web UI's Lora card
+shows, and ModelSpec.
 """
 
 from __future__ import annotations
@@ -50,10 +52,24 @@ class LoraLayer:
         return scale * up @ down
 
 
+def webui_reads_diffusers_unet_names(unet_config: Mapping[str, Any]) -> bool:
+    """Whether the web UI's Lora maps diffusers UNet names (``lora_unet_down_blocks_1_…``) onto the right layers.
+
+    Its conversion (``convert_diffusers_name_to_compvis``) has the released SD 1.x/2.x layout built in: two layers
+    a level (three LDM blocks), and an up-sampler at slot 1 in the first up level (no attention) and 2 in the
+    others. On any other layout (the demo model has one layer a level) it patches other layers or none, so such
+    a UNet's LoRA names its layers as the single file does (``lora_unet_input_blocks_1_1_…``), which the web UI,
+    Forge, ComfyUI and diffusers all read.
+    """
+    up_has_attention = ["CrossAttn" in t for t in unet_config["up_block_types"]]
+    return unet_config["layers_per_block"] == 2 and bool(up_has_attention) and not up_has_attention[0] \
+        and all(up_has_attention[1:])
+
+
 def lora_name(family: ModelFamily, part: str, module: str, unet_config: Mapping[str, Any]) -> str:
     """The key stem of ``part``'s module (its diffusers/transformers path) in a LoRA file of ``family``."""
     if part == "unet":
-        if family.lora_unet_names == "ldm":
+        if family.lora_unet_names == "ldm" or not webui_reads_diffusers_unet_names(unet_config):
             module = unet_module_to_ldm(module, unet_config)
     elif not module.startswith("text_model."):  # transformers 5's CLIPTextModel has no text_model level
         module = "text_model." + module

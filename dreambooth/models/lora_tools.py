@@ -26,6 +26,7 @@ from ..errors import ConfigError, ModelFormatError
 from ..fileio import write_atomic
 from .export import SAVE_DTYPES, checkpoint_tensors, config_metadata, modelspec, save_checkpoint_for_hosts
 from .families import ModelFamily
+from .layout import unet_module_to_ldm
 from .load import LoadedModel, load_model
 from .lora_file import LoraLayer, lora_metadata, lora_name, lora_tensors, part_modules, read_lora
 from .read import fingerprint
@@ -61,11 +62,19 @@ class Merged:
     note: str = ""
 
 
-def lora_targets(family: ModelFamily, loaded: LoadedModel) -> dict[str, Target]:
-    """Every Linear and Conv2d of the UNet and the text encoders, by the key stem a LoRA file gives it."""
+def lora_targets(family: ModelFamily, loaded: LoadedModel, *, any_unet_naming: bool = False) -> dict[str, Target]:
+    """Every Linear and Conv2d of the UNet and the text encoders, by the key stem a LoRA file of ours gives it;
+    with ``any_unet_naming`` a UNet layer is found under diffusers' name and the single file's alike, as the web UI
+    finds the layers of other tools' files (and of ours from before a layout's names changed)."""
     config = loaded.components.unet.config
-    return {lora_name(family, part, path, config): Target(part, path, module)
-            for part, path, module in _adaptable_modules(loaded)}
+    targets = {}
+    for part, path, module in _adaptable_modules(loaded):
+        target = Target(part, path, module)
+        targets[lora_name(family, part, path, config)] = target
+        if any_unet_naming and part == "unet":
+            for name in (path, unet_module_to_ldm(path, config)):
+                targets.setdefault(family.lora_prefixes["unet"] + name.replace(".", "_"), target)
+    return targets
 
 
 def _adaptable_modules(loaded: LoadedModel) -> Iterator[tuple[str, str, torch.nn.Module]]:
@@ -99,7 +108,7 @@ def matched_deltas(loaded: LoadedModel, layers: Mapping[str, LoraLayer], lora: P
                    ) -> list[tuple[Target, torch.Tensor]]:
     """Each LoRA layer's module in the base and its change at strength 1, shaped as the weight; a
     ``ModelFormatError`` naming the first layers that have no module in the base, or one of another shape."""
-    targets = lora_targets(loaded.family, loaded)
+    targets = lora_targets(loaded.family, loaded, any_unet_naming=True)
     missing = [stem for stem in layers if stem not in targets]
     if missing:
         raise ModelFormatError(
