@@ -112,10 +112,10 @@ def build_components(seed: int = 0) -> tuple[Any, Any, Any]:
     return (UNet2DConditionModel(**UNET), AutoencoderKL(**VAE), CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)))
 
 
-def build_sdxl_components(base: Any, tokenizer_dir: Path, seed: int = 0) -> Any:
+def build_sdxl_components(base: Any, tokenizer_dir: Path, seed: int = 0, warm: bool = False) -> Any:
     """SDXL-shaped components around ``base`` (the SD 1.x demo model's loaded components): a fresh UNet with
-    ``text_time`` conditioning and a fresh second text encoder (with projection); the autoencoder and the first
-    text encoder are ``base``'s."""
+    ``text_time`` conditioning (with ``warm``, started from ``base``'s: :func:`warm_start`) and a fresh second text
+    encoder (with projection); the autoencoder and the first text encoder are ``base``'s."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -124,9 +124,40 @@ def build_sdxl_components(base: Any, tokenizer_dir: Path, seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     second = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2))
-    return Components(unet=UNet2DConditionModel(**SDXL_UNET), vae=base.vae, text_encoder=base.text_encoder,
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    if warm:
+        warm_start(unet, base.unet)
+    return Components(unet=unet, vae=base.vae, text_encoder=base.text_encoder,
                       tokenizer=load_clip_tokenizer(tokenizer_dir), scheduler=DDPMScheduler(**DDPM),
                       text_encoder_2=second, tokenizer_2=load_clip_tokenizer(tokenizer_dir, "!"))
+
+
+def warm_start(unet: Any, sd1_unet: Any) -> list[str]:
+    """Start the SDXL-shaped UNet from the SD 1.x demo model's (same blocks): every tensor of the same shape is
+    copied, 1x1 convolutions become the linear projections they equal, and the cross-attention keys and values take
+    the SD 1.x weights for the first encoder's 64 features and zeros for the second's (so the second encoder starts
+    with no say and gains it as it learns). SDXL's added conditioning (``add_embedding``) starts random with its
+    output layer at zero, so the UNet starts as the SD 1.x one. Returns the names of the tensors that did not come
+    from the SD 1.x UNet."""
+    source = sd1_unet.state_dict()
+    state = unet.state_dict()
+    fresh = []
+    for name, tensor in state.items():
+        old = source.get(name)
+        if old is None:
+            fresh.append(name)
+        elif old.shape == tensor.shape:
+            tensor.copy_(old)
+        elif old.dim() == 4 and old.shape[2:] == (1, 1) and old.shape[:2] == tensor.shape:
+            tensor.copy_(old[:, :, 0, 0])
+        elif tensor.dim() == 2 and old.shape[0] == tensor.shape[0] and old.shape[1] < tensor.shape[1]:
+            tensor.zero_()
+            tensor[:, :old.shape[1]] = old
+        else:
+            fresh.append(name)
+        if name.startswith("add_embedding.linear_2."):
+            tensor.zero_()
+    return fresh
 
 
 def sdxl_conditioning(components: Any, ids: torch.Tensor, end_token: int) -> Any:
@@ -340,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--out", type=Path, required=True)
     train.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
     train.add_argument("--base", type=Path, default=SHIPPED, help="sdxl: the SD 1.x demo model folder it builds on")
+    train.add_argument("--warm-start", action="store_true",
+                       help="sdxl: start the UNet from the SD 1.x demo model's (untried on a GPU so far)")
     train.add_argument("--vae-seconds", type=float, default=90)
     train.add_argument("--unet-seconds", type=float, default=300)
     train.add_argument("--vae-batch", type=int, default=128)
@@ -389,7 +422,7 @@ def run_training(args: argparse.Namespace) -> None:
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     if args.family == "sdxl":
         base = load_shipped(args.base, tokenizer_dir, args.out / "cache")
-        components = build_sdxl_components(base, tokenizer_dir, args.seed)
+        components = build_sdxl_components(base, tokenizer_dir, args.seed, args.warm_start)
         components.vae.to(device).eval().requires_grad_(False)
         vae = components.vae
     else:

@@ -6,7 +6,7 @@ short training and a short LoRA training from the demo model and find their file
 Prints ``FORGE-IN-HOST OK``.
 
 Forge cannot build the demo model (it only loads the stock shapes), so generating with a trained checkpoint in
-Forge's txt2img is left to a full-size run by hand (README, "In Forge").
+Forge's txt2img is left to a full-size run by hand (docs/forge.md).
 
 Usage: python forge_in_host.py <forge dir> <this repository> <empty data dir>
 """

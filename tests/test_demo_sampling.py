@@ -66,3 +66,32 @@ def test_sdxl_pretraining_exports_a_demo_model_the_engine_loads_and_samples(tmp_
     with torch.no_grad():
         images = sample_images(c, ["a red circle", "a zwx shape"], seed=0, steps=2)
     assert images.shape == (2, 64, 64, 3) and images.dtype.name == "uint8"
+
+
+def test_warm_start_gives_the_sdxl_shaped_unet_the_sd1_demo_unets_weights(tokenizer_dir):
+    """``--warm-start``: every SD 1.x tensor lands in the SDXL-shaped UNet (1x1 convolutions as linear layers, the
+    cross-attention keys and values in the first encoder's columns, zeros in the second's), and SDXL's added
+    conditioning starts with its output at zero, so the UNet computes what the SD 1.x one does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain", REPO / "dev" / "pretrain_demo_model.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    sd1 = build_tiny_components(load_clip_tokenizer(tokenizer_dir)).unet
+    from diffusers import UNet2DConditionModel
+
+    config = {**dict(sd1.config), "use_linear_projection": True, "addition_embed_type": "text_time",
+              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 16 + 6 * 8,
+              "cross_attention_dim": sd1.config.cross_attention_dim + 16}
+    unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    fresh = pretrain.warm_start(unet, sd1)
+    assert fresh and all(name.startswith("add_embedding.") for name in fresh)
+    width = sd1.config.cross_attention_dim
+    sample = torch.randn(1, 4, 8, 8)
+    context = torch.randn(1, 77, width)
+    with torch.no_grad():
+        expected = sd1(sample, 10, context).sample
+        wide = torch.cat([context, torch.randn(1, 77, 16)], dim=-1)  # the second encoder's features have no say
+        got = unet(sample, 10, wide, added_cond_kwargs={"text_embeds": torch.randn(1, 16),
+                                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
