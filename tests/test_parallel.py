@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,16 +29,20 @@ def _launch(config, model_dir: Path, processes: int = 2, wait: bool = True):
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "config.json"
     path.write_text(json.dumps(config.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # faulthandler: should a process abort, it prints every Python thread's stack (the flake below)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "dreambooth", "train", str(path), "--json"]
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if "terminate called without an active exception" in done.stderr:
-        # Seen twice in ~40 launches (once in a full CI run), never reproduced alone: a process aborts inside C++
-        # (no Python traceback, no error event) right after loading the model. Launched once more, so the test
-        # keeps judging what the processes compute; the closing note of 2026-11-25 records it as open.
+        # Seen twice in ~40 launches inside full suite runs, never alone (153 launches alone, 2026-12-07): a process
+        # aborts inside C++ right after loading the model. Launched once more, so the test keeps judging what the
+        # processes compute; the aborted launch's stderr (with faulthandler's stacks) goes to the warnings summary,
+        # the evidence for finding the cause.
+        warnings.warn(f"a two-process launch aborted and was retried; its stderr:\n{done.stderr[-6000:]}",
+                      stacklevel=2)
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     return done
 
