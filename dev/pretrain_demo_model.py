@@ -12,8 +12,8 @@ the shipped single file (original layout) and config folder.
 ``--family sdxl`` pretrains the SDXL-shaped demo model the same way: the UNet gets SDXL's added conditioning
 (``text_time``: the second encoder's pooled embedding and six size numbers) and reads two text encoders'
 penultimate layers side by side; the autoencoder and the first text encoder are the shipped SD 1.x demo model's,
-frozen (``--base``); 10% of the captions are dropped
-to zeros, as SDXL's pipeline leaves an empty negative prompt (``force_zeros_for_empty_prompt``).
+frozen (``--base``); 10% of the captions are dropped to zeros, as SDXL's pipeline leaves an empty negative prompt
+(``force_zeros_for_empty_prompt``).
 
     python dev/pretrain_demo_model.py train --out OUT [--vae-seconds 90 --unet-seconds 300]
     python dev/pretrain_demo_model.py train --family sdxl --out OUT [--unet-seconds 300]
@@ -568,6 +568,7 @@ def save_run(out: Path, components: Any) -> Path:
     """A run folder: the components as diffusers-named fp16 safetensors, plus their configs."""
     from safetensors.torch import save_file
 
+    out.mkdir(parents=True, exist_ok=True)
     configs = {}
     for name, model in components.models.items():
         state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
