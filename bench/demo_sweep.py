@@ -23,13 +23,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def command(out: Path, name: str, overrides: str, seed: int, tokenizer: str, device: str) -> list[str]:
-    """The demo's command line for one (setting, seed)."""
+def command(out: Path, name: str, overrides: str, seed: int, tokenizer: str, device: str,
+            model: tuple[str, str] = ("", "")) -> list[str]:
+    """The demo's command line for one (setting, seed); ``model``: another base model's checkpoint and config folder
+    (empty: the shipped demo model)."""
     sets = [f'device="{device}"'] + [item for item in overrides.split(";") if item]
     args = [sys.executable, "-m", "dreambooth.demo.run", str(out / "runs" / f"{name}-s{seed}"), "--seed", str(seed),
             "--json"]
     if tokenizer:
         args += ["--tokenizer-dir", tokenizer]
+    checkpoint, config_dir = model
+    if checkpoint:
+        args += ["--checkpoint", checkpoint] + (["--config-dir", config_dir] if config_dir else [])
     for item in sets:
         args += ["--set", item]
     return args
@@ -57,8 +62,10 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--tokenizer", default=str(REPO / "build" / "tokenizer"))
     parser.add_argument("--device", default="")
-    parser.add_argument("--row", default="prior", choices=["prior", "no prior", "lora prior"],
-                        help="the demo model whose scores the table shows")
+    parser.add_argument("--row", nargs="+", default=["prior"], choices=["prior", "no prior", "lora prior"],
+                        help="the demo models whose scores the tables show (one table each)")
+    parser.add_argument("--checkpoint", default="", help="run the demo on this base model instead of the shipped one")
+    parser.add_argument("--config-dir", default="", help="the diffusers config folder of --checkpoint")
     a = parser.parse_args()
     import torch
 
@@ -76,21 +83,23 @@ def main() -> None:
             name, seed = queue.pop(0)
             log = a.out / "logs" / f"{name}-s{seed}.log"
             with log.open("w") as handle:
-                cmd = command(a.out, name, settings[name], seed, a.tokenizer, device)
+                cmd = command(a.out, name, settings[name], seed, a.tokenizer, device, (a.checkpoint, a.config_dir))
                 running.append((subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
         time.sleep(2)
         running = [(p, log) for p, log in running if p.poll() is None]
-    results = {name: {seed: scores(a.out / "logs" / f"{name}-s{seed}.log", a.row) for seed in a.seeds}
-               for name in settings}
+    results = {row: {name: {seed: scores(a.out / "logs" / f"{name}-s{seed}.log", row) for seed in a.seeds}
+                     for name in settings} for row in a.row}
     lines = [f"Demo sweep on {device}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{time.time() - started:.0f} s. Cells: the '{a.row}' model's fidelity / recontextualisation / "
-             "leakage (%).", "",
-             "| setting | overrides | " + " | ".join(f"seed {s}" for s in a.seeds) + " |",
-             "|---|---|" + "---|" * len(a.seeds)]
-    for name, per_seed in results.items():
-        cells = [f"{r['fidelity']:.0%} / {r['recontext']:.0%} / {r['leakage']:.0%}".replace("%", "") if r else "failed"
-                 for r in per_seed.values()]
-        lines.append(f"| {name} | `{settings[name] or 'defaults'}` | " + " | ".join(cells) + " |")
+             f"{time.time() - started:.0f} s{f', base model {a.checkpoint}' if a.checkpoint else ''}. Cells: "
+             "fidelity / recontextualisation / leakage (%)."]
+    for row, per_setting in results.items():
+        lines += ["", f"The '{row}' model:", "",
+                  "| setting | overrides | " + " | ".join(f"seed {s}" for s in a.seeds) + " |",
+                  "|---|---|" + "---|" * len(a.seeds)]
+        for name, per_seed in per_setting.items():
+            cells = [f"{r['fidelity']:.0%} / {r['recontext']:.0%} / {r['leakage']:.0%}".replace("%", "") if r
+                     else "failed" for r in per_seed.values()]
+            lines.append(f"| {name} | `{settings[name] or 'defaults'}` | " + " | ".join(cells) + " |")
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
     (a.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
     print("\n".join(lines))
