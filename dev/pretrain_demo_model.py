@@ -494,50 +494,30 @@ def score_prompt_families(components: Any, samples: int, device: torch.device,
 
 
 def export_model(trained: Path, model_dir: Path) -> Path:
-    """Turn a training run's component files into the shipped single file (original layout, fp16) + config folder;
-    the file's header carries the config folder too, so it loads with no ``model_config_dir``."""
-    from safetensors.torch import load_file, save_file
-
-    from dreambooth.models.export import config_metadata
-    from dreambooth.models.layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-    from dreambooth.models.load import read_config_folder
-
-    configs = json.loads((trained / "configs.json").read_text())
-    if "text_encoder_2" in configs:
-        return export_sdxl(trained, configs, model_dir)
-    state = {}
-    state.update(unet_to_ldm(load_file(str(trained / "unet.safetensors")), configs["unet"]))
-    state.update(vae_to_ldm(load_file(str(trained / "vae.safetensors")), configs["vae"]))
-    state.update(text_encoder_to_ldm(load_file(str(trained / "text_encoder.safetensors"))))
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / SD1_FILE
-    config_dir = write_config_folder(configs, model_dir / "config")
-    metadata = {"modelspec.architecture": "stable-diffusion-v1", "modelspec.resolution": "64x64",
-                "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SD 1.x)",
-                **config_metadata(read_config_folder(config_dir))}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
-    return path
-
-
-def export_sdxl(trained: Path, configs: dict[str, dict], model_dir: Path) -> Path:
-    """The SDXL-shaped run as one fp16 file in SDXL's original (SGM) layout, by the SDXL family's own exporter, with
-    its config folder beside it and in its header."""
+    """Turn a training run's component files into the shipped kind of single file (fp16, the family's original
+    layout, by the family's own exporter: SD 1.x's, or SDXL's when the run has a second text encoder) with its
+    config folder beside it and in its header, so it loads with no ``model_config_dir``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from dreambooth.demo.settings import DEMO_MODEL_TITLE
     from dreambooth.models.components import Components
     from dreambooth.models.export import checkpoint_tensors, config_metadata, save_checkpoint
     from dreambooth.models.families import family_named
     from dreambooth.models.load import read_config_folder
+
+    configs = json.loads((trained / "configs.json").read_text())
+    sdxl = "text_encoder_2" in configs
 
     def text(cls: Any, name: str) -> Any:
         config = {k: v for k, v in configs[name].items() if k in TEXT_ENCODER or k == "hidden_act"}
         return cls(CLIPTextConfig(**config))
 
     models = {"unet": UNet2DConditionModel(**_public(configs["unet"])), "vae": AutoencoderKL(**_public(configs["vae"])),
-              "text_encoder": text(CLIPTextModel, "text_encoder"),
-              "text_encoder_2": text(CLIPTextModelWithProjection, "text_encoder_2")}
+              "text_encoder": text(CLIPTextModel, "text_encoder")}
+    if sdxl:
+        models["text_encoder_2"] = text(CLIPTextModelWithProjection, "text_encoder_2")
     for name, model in models.items():
         state = {k: v.float() for k, v in load_file(str(trained / f"{name}.safetensors")).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -545,14 +525,15 @@ def export_sdxl(trained: Path, configs: dict[str, dict], model_dir: Path) -> Pat
         if wrong:
             raise ValueError(f"{name}: the run's weights do not fit its config: {wrong[:5]}")
     components = Components(**models, tokenizer=None, tokenizer_2=None, scheduler=DDPMScheduler(**DDPM))
-    family = family_named("sdxl")
+    family = family_named("sdxl" if sdxl else "sd1")
     model_dir.mkdir(parents=True, exist_ok=True)
     config_dir = write_config_folder(configs, model_dir / "config")
+    title = "DreamBooth demo: shapes (tiny SDXL)" if sdxl else DEMO_MODEL_TITLE
     metadata = {"modelspec.architecture": family.architecture("epsilon"), "modelspec.resolution": "64x64",
-                "modelspec.prediction_type": "epsilon", "modelspec.title": "DreamBooth demo: shapes (tiny SDXL)",
+                "modelspec.prediction_type": "epsilon", "modelspec.title": title,
                 **config_metadata(read_config_folder(config_dir))}
     tensors = checkpoint_tensors(components, dtype=torch.float16, family=family)
-    return save_checkpoint(model_dir / SDXL_FILE, tensors, metadata)
+    return save_checkpoint(model_dir / (SDXL_FILE if sdxl else SD1_FILE), tensors, metadata)
 
 
 def unpack_model(model_dir: Path, out: Path, tokenizer_dir: str = "") -> Path:

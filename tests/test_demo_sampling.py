@@ -97,3 +97,23 @@ def test_warm_start_gives_the_sdxl_shaped_unet_the_sd1_demo_unets_weights(tokeni
         got = unet(sample, 10, wide, added_cond_kwargs={"text_embeds": torch.randn(1, 16),
                                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_the_shipped_demo_model_unpacked_and_exported_again_is_the_same_file(tmp_path, tokenizer_dir):
+    """``unpack`` then ``export`` (the SD 1.x family's exporter, the route every family's demo model takes) gives
+    back the shipped file's tensors bit for bit, under its names, with its title and architecture."""
+    from safetensors import safe_open
+
+    shipped = REPO / "dreambooth" / "demo" / "model"
+    script = str(REPO / "dev" / "pretrain_demo_model.py")
+    run, again = tmp_path / "run", tmp_path / "again"
+    subprocess.run([sys.executable, script, "unpack", str(shipped), str(run), "--tokenizer-dir", str(tokenizer_dir)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, script, "export", str(run), str(again)], check=True, capture_output=True)
+    with safe_open(str(shipped / "shapes-sd1.safetensors"), "pt") as a, \
+            safe_open(str(again / "shapes-sd1.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        differing = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+        assert not differing, differing[:5]
+        for field in ("modelspec.title", "modelspec.architecture", "modelspec.resolution"):
+            assert a.metadata()[field] == b.metadata()[field]
