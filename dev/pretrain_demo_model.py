@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
     train.add_argument("--base", type=Path, default=SHIPPED, help="sdxl: the SD 1.x demo model folder it builds on")
     train.add_argument("--warm-start", action="store_true",
-                       help="sdxl: start the UNet from the SD 1.x demo model's (untried on a GPU so far)")
+                       help="sdxl: start the UNet from the SD 1.x demo model's")
     train.add_argument("--vae-seconds", type=float, default=90)
     train.add_argument("--unet-seconds", type=float, default=300)
     train.add_argument("--vae-batch", type=int, default=128)
