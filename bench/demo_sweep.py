@@ -6,8 +6,9 @@
 Each ``--setting NAME=OVERRIDES`` is a ``;``-separated list (so no ``;`` inside a value) of ``FIELD=JSON`` overrides of
 :class:`dreambooth.demo.run.DemoSettings` (empty: the defaults). Every (setting, seed) is one process
 (``OMP_NUM_THREADS=1``, ``--parallel`` at a time); the device defaults to CUDA when there is one. Writes each
-process's log (``OUT/logs``), ``results.md`` (one row per setting: fidelity / recontextualisation / leakage per
-seed, of the prior-preservation model) and ``results.json``.
+process's log (``OUT/logs``), ``results.md`` (a table per ``--row`` model, the prior-preservation one by default:
+one row per setting, fidelity / recontextualisation / leakage per seed) and ``results.json`` (the same, by model,
+setting and seed). ``--checkpoint``/``--config-dir`` run it on another base model (the SDXL-shaped one).
 """
 
 from __future__ import annotations
